@@ -1,0 +1,6 @@
+"""autowu: the AutoWU automated learning-rate scheduler for large-batch training (Kim et al., 2021)."""
+from .gp import GPTestResult, GPTestSettings, PastMinimumTest
+from .scheduler import AutoWU
+
+__all__ = ["AutoWU", "GPTestSettings", "GPTestResult", "PastMinimumTest"]
+__version__ = "0.1.0"

@@ -1,0 +1,278 @@
+"""The Gaussian-process test of AutoWU: has the training-loss curve's minimum already passed?
+
+The paper's procedure (kakaobrain/autowu), step for step:
+
+1. Fit the GP's constant mean, output scale and noise by 100 Adam steps (lr 0.01) of the exact marginal
+   likelihood on at most 100 losses drawn without replacement. The RBF lengthscale is fixed at 0.2 on
+   x = step index / number of losses so far. Hyperparameters and Adam's moments carry over from test to test;
+   the mean restarts at the mean loss each test.
+2. Five times: condition on at most 500 other drawn losses, predict the latent curve f on a 500-point grid of
+   [0, 1], and compute ``max_{i<k} P(f_i < f_k)`` (k the last grid point).
+3. Pass when a majority of the five exceed the confidence (0.95).
+
+What is new here is only how it is computed. An RBF kernel with lengthscale 0.2 on [0, 1] is, to 1e-14, a
+rank-26 kernel: ``k(x, x') = phi(x) . phi(x')`` with ``phi`` the stable Nystrom features of a fixed 64-point
+grid on [-0.25, 1.25]. So the GP is a Bayesian linear model on 26 weights: the marginal likelihood and its
+gradient come from one SVD per test, each prediction from one 26 x 26 Cholesky, in float64 numpy. The
+decisions match the plain gpytorch procedure (``autowu.gp_gpytorch``), at about a fiftieth of its time
+(``benchmarks/bench_gp.py``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class GPTestSettings:
+    """Settings of the test; the defaults are the paper's."""
+    lengthscale: float = 0.2
+    fit_points: int = 100          # losses the hyperparameters are fitted on
+    fit_iterations: int = 100      # Adam steps per test
+    fit_lr: float = 0.01
+    condition_points: int = 500    # losses each prediction is conditioned on
+    grid_points: int = 500         # prediction grid on [0, 1]
+    num_fits: int = 5              # independent subsamples that vote
+    confidence: float = 0.95
+    noise_init: float = 1e-3
+    noise_floor: float = 1e-4      # gpytorch GaussianLikelihood's GreaterThan(1e-4) constraint
+    diff_jitter: float = 1e-4      # added to Var(f_i - f_k), as the paper's code does
+
+    def __post_init__(self):
+        for name in ("fit_points", "fit_iterations", "condition_points", "grid_points", "num_fits"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GPTestSettings.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.5 <= self.confidence < 1.0:
+            raise ValueError(f"GPTestSettings.confidence must be in [0.5, 1), got {self.confidence}")
+        if self.lengthscale <= 0:
+            raise ValueError(f"GPTestSettings.lengthscale must be > 0, got {self.lengthscale}")
+
+
+def softplus(x: float) -> float:
+    return x + math.log1p(math.exp(-x)) if x > 0 else math.log1p(math.exp(x))
+
+
+def inverse_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+@dataclass
+class GPHyperparameters:
+    """The fitted hyperparameters in gpytorch's raw (unconstrained) form, with Adam's state.
+
+    Order of the three parameters everywhere: (raw_noise, raw_outputscale, mean).
+    """
+    raw: np.ndarray
+    adam_exp_avg: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    adam_exp_avg_sq: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    adam_step: int = 0
+
+    @classmethod
+    def initial(cls, settings: GPTestSettings) -> "GPHyperparameters":
+        raw_noise = inverse_softplus(settings.noise_init - settings.noise_floor)
+        return cls(raw=np.array([raw_noise, 0.0, 0.0]))  # gpytorch's raw outputscale starts at 0
+
+    def noise(self, settings: GPTestSettings) -> float:
+        return softplus(float(self.raw[0])) + settings.noise_floor
+
+    def outputscale(self) -> float:
+        return softplus(float(self.raw[1]))
+
+    def state_dict(self) -> dict:
+        return {"raw": self.raw.tolist(), "adam_exp_avg": self.adam_exp_avg.tolist(),
+                "adam_exp_avg_sq": self.adam_exp_avg_sq.tolist(), "adam_step": self.adam_step}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "GPHyperparameters":
+        return cls(raw=np.array(state["raw"], dtype=np.float64),
+                   adam_exp_avg=np.array(state["adam_exp_avg"], dtype=np.float64),
+                   adam_exp_avg_sq=np.array(state["adam_exp_avg_sq"], dtype=np.float64),
+                   adam_step=int(state["adam_step"]))
+
+    def copy(self) -> "GPHyperparameters":
+        return GPHyperparameters.from_state_dict(self.state_dict())
+
+
+@dataclass(frozen=True)
+class GPTestResult:
+    """What one test measured. ``passed`` is the majority vote; nothing here decides the schedule."""
+    probabilities: Tuple[float, ...]   # max_{i<k} P(f_i < f_k) of each fit
+    votes: int                         # fits whose probability exceeds the confidence
+    passed: bool
+    argmin_x: Tuple[float, ...]        # each fit's predicted argmin on [0, 1]
+    grid: np.ndarray                   # prediction grid on [0, 1]
+    curve_mean: np.ndarray             # predicted latent curve, averaged over the fits
+    curve_std: np.ndarray              # its marginal standard deviation, averaged over the fits
+    failed_fits: int = 0               # fits that hit a numerical failure and were redrawn
+
+    @property
+    def probability(self) -> float:
+        """The median of the fits' probabilities: above the confidence exactly when the majority is."""
+        return float(np.median(self.probabilities)) if self.probabilities else float("nan")
+
+
+def subsample(valid_indices: np.ndarray, max_points: int, generator: torch.Generator) -> np.ndarray:
+    """Sorted draw without replacement, as the paper's code does it (torch multinomial on uniform weights).
+
+    A fixed-seed torch generator makes every data-parallel rank, and a resumed run, draw the same indices.
+    """
+    if len(valid_indices) <= max_points:
+        return valid_indices
+    picked = torch.ones(len(valid_indices)).multinomial(max_points, generator=generator)
+    return valid_indices[np.sort(picked.numpy())]
+
+
+def past_minimum_probability(mean: np.ndarray, diff_var: np.ndarray, diff_jitter: float) -> float:
+    """``max_{i<k} P(f_i < f_k)`` from the means and the variances of ``f_i - f_k``.
+
+    Phi is monotone, so the max of the probabilities is Phi of the max standardised gap.
+    """
+    z = (mean[-1] - mean[:-1]) / np.sqrt(np.maximum(diff_var[:-1], 0.0) + diff_jitter)
+    return 0.5 * math.erfc(-float(z.max()) / math.sqrt(2.0))
+
+
+class RBFFeatures:
+    """Stable Nystrom features of the RBF kernel on [0, 1]: ``k(x, x') = phi(x) . phi(x')`` to ~1e-14."""
+
+    def __init__(self, lengthscale: float, relative_cutoff: float = 1e-14):
+        # The inducing grid reaches past [0, 1] so that the edges are as exact as the middle; its spacing
+        # (well under the lengthscale) decides the accuracy, its eigen-cutoff the conditioning.
+        num_inducing = max(64, int(math.ceil(1.5 / lengthscale * 8)))
+        self.lengthscale = lengthscale
+        self.inducing = np.linspace(-0.25, 1.25, num_inducing)
+        eigvals, eigvecs = np.linalg.eigh(self._kernel(self.inducing, self.inducing))
+        keep = eigvals > eigvals.max() * relative_cutoff
+        self.projection = eigvecs[:, keep] / np.sqrt(eigvals[keep])
+
+    def _kernel(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.exp(-0.5 * ((a[:, None] - b[None, :]) / self.lengthscale) ** 2)
+
+    @property
+    def rank(self) -> int:
+        return self.projection.shape[1]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self._kernel(x, self.inducing) @ self.projection
+
+
+class PastMinimumTest:
+    """The paper's test, computed in the GP's 26-dimensional weight space. Stateless: state is passed in."""
+
+    def __init__(self, settings: Optional[GPTestSettings] = None):
+        self.settings = settings or GPTestSettings()
+        self.features = RBFFeatures(self.settings.lengthscale)
+        self.grid = np.linspace(0.0, 1.0, self.settings.grid_points)
+        self.grid_features = self.features(self.grid)
+        self._grid_diff = self.grid_features - self.grid_features[-1]  # phi(x_i) - phi(x_k)
+
+    def __call__(self, losses: np.ndarray, valid: np.ndarray, hyper: GPHyperparameters,
+                 generator: torch.Generator) -> Tuple[GPTestResult, GPHyperparameters]:
+        """Run one test on ``losses`` (float64, one a step so far) where ``valid`` is True.
+
+        Returns the result and the refitted hyperparameters; ``hyper`` itself is left untouched.
+        """
+        s = self.settings
+        num_losses = len(losses)
+        valid_indices = np.flatnonzero(valid)
+        if len(valid_indices) < 2:
+            raise ValueError(f"the GP test needs at least 2 valid losses, got {len(valid_indices)}")
+        hyper = hyper.copy()
+        hyper.raw[2] = losses[valid_indices].mean()  # the paper re-initialises the constant mean each test
+
+        fit_indices = subsample(valid_indices, s.fit_points, generator)
+        self._fit(fit_indices / num_losses, losses[fit_indices], hyper)
+
+        noise, outputscale, mean = hyper.noise(s), hyper.outputscale(), float(hyper.raw[2])
+        probabilities, argmins, means, stds = [], [], [], []
+        failed = 0
+        while len(probabilities) < s.num_fits and failed < 2 * s.num_fits:
+            indices = subsample(valid_indices, s.condition_points, generator)
+            prediction = self._predict(indices / num_losses, losses[indices] - mean, noise, outputscale)
+            if prediction is None:
+                failed += 1
+                continue
+            curve, diff_var, marginal_var = prediction
+            curve = curve + mean
+            probabilities.append(past_minimum_probability(curve, diff_var, s.diff_jitter))
+            argmins.append(float(self.grid[int(np.argmin(curve))]))
+            means.append(curve)
+            stds.append(np.sqrt(np.maximum(marginal_var, 0.0)))
+
+        votes = sum(p > s.confidence for p in probabilities)
+        nan_curve = np.full_like(self.grid, np.nan)
+        result = GPTestResult(
+            probabilities=tuple(probabilities), votes=votes, passed=votes > s.num_fits / 2,
+            argmin_x=tuple(argmins), grid=self.grid,
+            curve_mean=np.mean(means, axis=0) if means else nan_curve,
+            curve_std=np.mean(stds, axis=0) if stds else nan_curve, failed_fits=failed)
+        return result, hyper
+
+    def _fit(self, x: np.ndarray, y: np.ndarray, hyper: GPHyperparameters) -> None:
+        """100 Adam steps on -log p(y) / n, exactly as torch.optim.Adam takes them, with the analytic gradient.
+
+        With ``K0 = U diag(lam) U^T`` (rank r from the features) the covariance ``s K0 + noise I`` has
+        eigenvalues ``d = s lam + noise`` on U and ``noise`` on its complement, so every term is a sum.
+        """
+        s = self.settings
+        n = len(x)
+        u, sv, _ = np.linalg.svd(self.features(x), full_matrices=False)
+        lam = sv ** 2
+        u_y, u_1 = u.T @ y, u.T @ np.ones(n)
+        y_perp, ones_perp = y - u @ u_y, 1.0 - u @ u_1  # the parts of y and 1 outside U
+        beta1, beta2, eps = 0.9, 0.999, 1e-8
+        for _ in range(s.fit_iterations):
+            raw_noise, raw_scale, mean = hyper.raw
+            noise = softplus(raw_noise) + s.noise_floor
+            scale = softplus(raw_scale)
+            d = scale * lam + noise
+            p = u_y - mean * u_1              # U^T (y - mean)
+            r_perp = y_perp - mean * ones_perp
+            alpha = p / d                     # U^T A^{-1} (y - mean)
+            grad_mean = -(u_1 @ alpha + ones_perp @ r_perp / noise) / n
+            grad_scale = 0.5 * ((lam / d).sum() - (lam * alpha ** 2).sum()) / n
+            grad_noise = 0.5 * ((1.0 / d).sum() + (n - len(d)) / noise
+                                - (alpha ** 2).sum() - (r_perp @ r_perp) / noise ** 2) / n
+            grad = np.array([grad_noise * sigmoid(raw_noise), grad_scale * sigmoid(raw_scale), grad_mean])
+            if not np.all(np.isfinite(grad)):
+                break  # keep the last finite hyperparameters rather than poison the state
+            hyper.adam_step += 1
+            hyper.adam_exp_avg = beta1 * hyper.adam_exp_avg + (1 - beta1) * grad
+            hyper.adam_exp_avg_sq = beta2 * hyper.adam_exp_avg_sq + (1 - beta2) * grad ** 2
+            bias1 = 1 - beta1 ** hyper.adam_step
+            bias2 = 1 - beta2 ** hyper.adam_step
+            denom = np.sqrt(hyper.adam_exp_avg_sq) / math.sqrt(bias2) + eps
+            hyper.raw = hyper.raw - (s.fit_lr / bias1) * hyper.adam_exp_avg / denom
+
+    def _predict(self, x: np.ndarray, centred_y: np.ndarray, noise: float, outputscale: float):
+        """Posterior of the latent curve on the grid: mean, Var(f_i - f_k) and Var(f_i); None on failure.
+
+        Weight space: ``f = phi w``, ``w ~ N(0, s I)``; the posterior precision ``phi^T phi / noise + I / s``
+        is r x r. A Cholesky that fails (not positive definite) is retried with growing jitter.
+        """
+        feats = self.features(x)
+        precision = feats.T @ feats / noise + np.eye(feats.shape[1]) / outputscale
+        jitter = 0.0
+        for _ in range(4):
+            try:
+                chol = np.linalg.cholesky(precision + jitter * np.eye(len(precision)))
+                break
+            except np.linalg.LinAlgError:
+                jitter = max(jitter * 10, 1e-8 * float(np.abs(np.diag(precision)).max()))
+        else:
+            return None
+        rhs = feats.T @ centred_y / noise
+        weights_mean = np.linalg.solve(chol.T, np.linalg.solve(chol, rhs))
+        whitened_diff = np.linalg.solve(chol, self._grid_diff.T)       # L^{-1} (phi_i - phi_k)
+        whitened = np.linalg.solve(chol, self.grid_features.T)
+        curve = self.grid_features @ weights_mean
+        if not np.all(np.isfinite(curve)):
+            return None
+        return curve, (whitened_diff ** 2).sum(axis=0), (whitened ** 2).sum(axis=0)

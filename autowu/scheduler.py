@@ -1,0 +1,306 @@
+"""AutoWU: the learning-rate scheduler that decides the warmup's length and the peak LR by itself.
+
+The LR grows exponentially (or linearly) from ``min_lr`` towards ``max_lr``, which it would reach at
+``max_warmup_fraction`` of the run. At every epoch's end a Gaussian-process test asks whether the training
+loss's minimum already lies in the past (``autowu.gp``); after ``patience`` passing tests in a row, or at the
+warmup cap, the LR drops to the LR at the GP's predicted minimum and decays: by cosine to 0 at the last step
+(``immediate_cooldown=True``), or it stays constant and cosines to 0 over the last ``cooldown_fraction``.
+
+Usage, as in the paper's code::
+
+    scheduler = AutoWU(optimizer, steps_per_epoch, total_epochs, immediate_cooldown=True)
+    for batch in loader:
+        loss = ...; loss.backward(); optimizer.step()
+        scheduler.step(loss)   # no host sync: the loss stays on its device until the epoch's test
+
+Under DeepSpeed, ``autowu.deepspeed.initialize`` feeds it the losses instead (``step()`` without a loss).
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .gp import GPHyperparameters, GPTestSettings, PastMinimumTest
+from .spikes import usable_losses
+
+WARMUP_TYPES = ("exp", "linear")
+COOLDOWN_TYPES = ("cosine", "half_cosine")
+GP_BACKENDS = ("fast", "gpytorch")
+
+
+def _choice(name: str, value: str, allowed) -> str:
+    if value not in allowed:
+        raise ValueError(f"AutoWU: invalid {name} {value!r}; allowed: {', '.join(map(repr, allowed))}")
+    return value
+
+
+def cooldown_factor(progress: float, cooldown_type: str) -> float:
+    """LR multiplier at ``progress`` in [0, 1] of the cooldown: 1 -> 0 for cosine; 0.5 -> 0 for the paper's
+    half_cosine (the second half of a cosine, which halves the LR when the cooldown begins)."""
+    progress = min(max(progress, 0.0), 1.0)
+    if cooldown_type == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 0.5 + 0.5 * math.cos(0.5 * math.pi * (1.0 + progress))
+
+
+class AutoWU:
+    """Automated warmup LR scheduler (Kim et al., 2021), stepped once per optimizer step.
+
+    Args:
+        optimizer: the wrapped optimizer. Param groups keep the ratios of their initial LRs; the schedule's
+            LR is that of the group with the largest initial LR.
+        steps_per_epoch: optimizer steps in an epoch; the GP test runs at each epoch's end.
+        total_epochs: length of the run; the LR reaches 0 after ``steps_per_epoch * total_epochs`` steps.
+        min_lr, max_lr: warmup starts at ``min_lr`` and would reach ``max_lr`` at the warmup cap.
+        max_warmup_fraction: the warmup cap, as a fraction of all steps.
+        warmup_type: ``"exp"`` (the paper's) or ``"linear"``.
+        immediate_cooldown: cosine from the switch to 0; otherwise constant, then the cooldown.
+        cooldown_type: ``"cosine"`` or ``"half_cosine"`` (the paper's code's variant).
+        cooldown_fraction: the last fraction of steps spent in cooldown when not ``immediate_cooldown``.
+        device: where losses are buffered; by default the device of the first loss (no copy, no sync).
+        patience: passing tests in a row that end the warmup.
+        spike_threshold: losses this many robust standard deviations off their neighbours' running median
+            are left out of the GP fit (``autowu.spikes``); ``None`` keeps all finite losses.
+        gp_settings: ``GPTestSettings``; the paper's by default.
+        gp_backend: ``"fast"`` (weight-space numpy, default) or ``"gpytorch"`` (the paper's computation).
+        seed: seed of the subsampling generator (every rank must use the same).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int, total_epochs: int,
+                 min_lr: float = 1e-5, max_lr: float = 1.0, max_warmup_fraction: float = 0.5,
+                 warmup_type: str = "exp", immediate_cooldown: bool = False, cooldown_type: str = "cosine",
+                 cooldown_fraction: float = 0.2, device=None, patience: int = 3,
+                 spike_threshold: Optional[float] = 6.0, gp_settings: Optional[GPTestSettings] = None,
+                 gp_backend: str = "fast", seed: int = 0):
+        if int(steps_per_epoch) != steps_per_epoch or steps_per_epoch < 1:
+            raise ValueError(f"AutoWU: steps_per_epoch must be a positive integer, got {steps_per_epoch!r}")
+        if int(total_epochs) != total_epochs or total_epochs < 1:
+            raise ValueError(f"AutoWU: total_epochs must be a positive integer, got {total_epochs!r}")
+        if not 0 < min_lr < max_lr:
+            raise ValueError(f"AutoWU: need 0 < min_lr < max_lr, got min_lr={min_lr}, max_lr={max_lr}")
+        if not 0 < max_warmup_fraction <= 1:
+            raise ValueError(f"AutoWU: max_warmup_fraction must be in (0, 1], got {max_warmup_fraction}")
+        if not 0 <= cooldown_fraction <= 1:
+            raise ValueError(f"AutoWU: cooldown_fraction must be in [0, 1], got {cooldown_fraction}")
+        if int(patience) != patience or patience < 1:
+            raise ValueError(f"AutoWU: patience must be a positive integer, got {patience!r}")
+        if not optimizer.param_groups:
+            raise ValueError("AutoWU: the optimizer has no param groups")
+
+        self.optimizer = optimizer
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.total_epochs = int(total_epochs)
+        self.total_steps = self.steps_per_epoch * self.total_epochs
+        self.min_lr, self.max_lr = float(min_lr), float(max_lr)
+        self.max_warmup_fraction = float(max_warmup_fraction)
+        self.warmup_type = _choice("warmup_type", warmup_type, WARMUP_TYPES)
+        self.immediate_cooldown = bool(immediate_cooldown)
+        self.cooldown_type = _choice("cooldown_type", cooldown_type, COOLDOWN_TYPES)
+        self.cooldown_fraction = float(cooldown_fraction)
+        self.patience = int(patience)
+        self.spike_threshold = spike_threshold
+        self.gp_backend = _choice("gp_backend", gp_backend, GP_BACKENDS)
+        self.seed = int(seed)
+        self.device = torch.device(device) if device is not None else None
+
+        # The warmup cap in steps, and where a non-immediate cooldown begins (the paper: step >= (1-f) * T).
+        self.max_warmup_steps = max(1, int(self.max_warmup_fraction * self.total_steps))
+        self.cooldown_start_step = min(self.total_steps, math.ceil((1 - self.cooldown_fraction) * self.total_steps))
+        self._warmup_end_cap = min(self.max_warmup_steps, self.cooldown_start_step)
+
+        settings = gp_settings or GPTestSettings()
+        if self.gp_backend == "fast":
+            self._gp_test = PastMinimumTest(settings)
+        else:
+            from .gp_gpytorch import GPyTorchPastMinimumTest
+            self._gp_test = GPyTorchPastMinimumTest(settings)
+
+        initial = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
+        reference = max(initial)
+        self.base_lrs: List[float] = list(initial)
+        self.lr_ratios: List[float] = [lr / reference if reference > 0 else 1.0 for lr in initial]
+
+        # Distributed hooks (set by autowu.deepspeed): reduce the losses buffered since the last test in
+        # place, and make every rank take rank 0's decision. Not part of the state.
+        self.loss_reducer: Optional[Callable[[torch.Tensor], None]] = None
+        self.decision_sync: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        self.pending_loss = None  # a loss handed over by an engine hook, taken by the next step()
+
+        self.last_step = 0
+        self.phase = "warmup"
+        self.switch_step: Optional[int] = None
+        self.peak_lr: Optional[float] = None
+        self.history: List[Dict] = []
+        self.switch_curve: Optional[Dict] = None
+        self._passes_in_row = 0
+        self._num_reduced = 0
+        self._hyper = GPHyperparameters.initial(settings)
+        self._generator = torch.Generator().manual_seed(self.seed)
+        self._losses: Optional[torch.Tensor] = None
+        self._restored_losses: Optional[torch.Tensor] = None
+        self._set_lrs()
+
+    # ---------------------------------------------------------------- the schedule, as a pure function
+    def warmup_lr(self, step: float) -> float:
+        """The warmup LR at (possibly fractional) ``step``: ``min_lr`` at 0, ``max_lr`` at the cap."""
+        fraction = step / self.max_warmup_steps
+        if self.warmup_type == "exp":
+            return self.min_lr * (self.max_lr / self.min_lr) ** fraction
+        return self.min_lr + (self.max_lr - self.min_lr) * fraction
+
+    def lr_at(self, step: int) -> float:
+        """The schedule's LR for step index ``step`` (0-based) given the decisions taken so far."""
+        if self.switch_step is None or step < self.switch_step:
+            return self.warmup_lr(step)
+        if step >= self.total_steps:
+            return 0.0
+        start = self.switch_step if self.immediate_cooldown else max(self.switch_step, self.cooldown_start_step)
+        if step < start:
+            return self.peak_lr
+        return self.peak_lr * cooldown_factor((step - start) / max(1, self.total_steps - start), self.cooldown_type)
+
+    def _set_lrs(self) -> None:
+        lr = self.lr_at(self.last_step)
+        self._last_lr = [lr * ratio for ratio in self.lr_ratios]
+        for group, group_lr in zip(self.optimizer.param_groups, self._last_lr):
+            group["lr"] = group_lr
+
+    # ---------------------------------------------------------------- PyTorch scheduler protocol
+    def get_last_lr(self) -> List[float]:
+        """The LRs (one per param group) that the next optimizer step uses."""
+        return list(self._last_lr)
+
+    get_lr = get_last_lr
+
+    @property
+    def last_epoch(self) -> int:
+        """PyTorch's name for the step counter: optimizer steps taken."""
+        return self.last_step
+
+    def step(self, loss=None) -> None:
+        """Record the loss of the optimizer step just taken and set the LR of the next one.
+
+        ``loss``: a scalar tensor (left on its device) or a float. During warmup it is required, unless an
+        engine hook handed it over (``pending_loss``); afterwards it is ignored.
+        """
+        if isinstance(loss, (bool, int)):
+            # DeepSpeed retries a scheduler step that raised TypeError as step(train_batch_size): a batch
+            # size must never be taken for a loss.
+            raise TypeError(f"AutoWU.step expects the step's loss (a float or a scalar tensor), got int {loss}")
+        if loss is None:
+            loss, self.pending_loss = self.pending_loss, None
+        if self.phase == "warmup":
+            if loss is None:
+                raise ValueError("AutoWU.step(loss): the warmup needs each step's training loss")
+            self._record(loss)
+        self.last_step += 1
+        if self.phase == "warmup":
+            if self.last_step >= self._warmup_end_cap:
+                self._test(at_cap=True)
+            elif self.last_step % self.steps_per_epoch == 0:
+                self._test(at_cap=False)
+        self._set_lrs()
+
+    # ---------------------------------------------------------------- warmup internals
+    def _record(self, loss) -> None:
+        if self._losses is None:
+            device = self.device or (loss.device if torch.is_tensor(loss) else torch.device("cpu"))
+            self._losses = torch.full((self._warmup_end_cap,), float("nan"), dtype=torch.float32, device=device)
+            if self._restored_losses is not None:  # from load_state_dict, now on the losses' own device
+                self._losses[:len(self._restored_losses)] = self._restored_losses.to(device)
+                self._restored_losses = None
+        if torch.is_tensor(loss):
+            loss = loss.detach().reshape(())
+        self._losses[self.last_step] = loss  # a device-side copy: no host synchronisation
+
+    def _test(self, at_cap: bool) -> None:
+        """Run the GP test on every loss so far; switch after ``patience`` passes in a row or at the cap."""
+        started = time.perf_counter()
+        n = self.last_step
+        if self.loss_reducer is not None and n > self._num_reduced:
+            self.loss_reducer(self._losses[self._num_reduced:n])  # one all-reduce per test
+        self._num_reduced = n
+        losses = self._losses[:n].double().cpu().numpy()  # the one host sync of an epoch
+        usable = usable_losses(losses, self.spike_threshold)
+        record = {"step": n, "epoch": n / self.steps_per_epoch, "lr": self.warmup_lr(n - 1),
+                  "nonfinite": int((~np.isfinite(losses)).sum()),
+                  "spikes_ignored": int(np.isfinite(losses).sum() - usable.sum()), "at_cap": at_cap}
+        result = None
+        if usable.sum() >= 2:
+            try:
+                result, self._hyper = self._gp_test(losses, usable, self._hyper, self._generator)
+            except Exception as err:  # a GP failure must never end a training run
+                warnings.warn(f"AutoWU: GP test at step {n} failed ({err!r}); counted as not passed")
+                record["error"] = repr(err)
+        if result is not None and result.argmin_x:
+            argmin_lr = float(np.mean([self.warmup_lr(x * n) for x in result.argmin_x]))
+            passed = result.passed
+            record.update(probability=result.probability, probabilities=list(result.probabilities),
+                          votes=result.votes, failed_fits=result.failed_fits)
+        else:
+            argmin_lr, passed = self.warmup_lr(n - 1), False
+            record.update(probability=float("nan"), probabilities=[], votes=0)
+        if self.decision_sync is not None:
+            synced = self.decision_sync(torch.tensor([float(passed), argmin_lr], dtype=torch.float64))
+            passed, argmin_lr = bool(synced[0] > 0.5), float(synced[1])
+        self._passes_in_row = self._passes_in_row + 1 if passed else 0
+        switch = at_cap or self._passes_in_row >= self.patience
+        record.update(passed=passed, passes_in_row=self._passes_in_row, argmin_lr=argmin_lr, switched=switch,
+                      seconds=time.perf_counter() - started)
+        self.history.append(record)
+        if switch:
+            self.phase = "decay"
+            self.switch_step = n
+            self.peak_lr = argmin_lr
+            self._losses = self._restored_losses = None  # the buffer is only needed during warmup
+            if result is not None:
+                self.switch_curve = {"step": n, "x": result.grid.tolist(), "mean": result.curve_mean.tolist(),
+                                     "std": result.curve_std.tolist(),
+                                     "lr": [self.warmup_lr(x * n) for x in result.grid]}
+
+    # ---------------------------------------------------------------- checkpointing
+    def state_dict(self) -> Dict:
+        """Everything needed to continue exactly: counters, decisions, losses so far, GP state, RNG state."""
+        losses = self._restored_losses
+        if self._losses is not None:
+            losses = self._losses[:self.last_step].detach().cpu().clone()
+        return {
+            "last_step": self.last_step, "phase": self.phase, "switch_step": self.switch_step,
+            "peak_lr": self.peak_lr, "history": [dict(r) for r in self.history],
+            "switch_curve": self.switch_curve, "passes_in_row": self._passes_in_row,
+            "num_reduced": self._num_reduced, "gp_hyperparameters": self._hyper.state_dict(),
+            "generator_state": self._generator.get_state(), "losses": losses,
+            "settings": {"steps_per_epoch": self.steps_per_epoch, "total_epochs": self.total_epochs,
+                         "min_lr": self.min_lr, "max_lr": self.max_lr,
+                         "max_warmup_fraction": self.max_warmup_fraction, "warmup_type": self.warmup_type,
+                         "immediate_cooldown": self.immediate_cooldown, "cooldown_type": self.cooldown_type,
+                         "cooldown_fraction": self.cooldown_fraction, "patience": self.patience},
+        }
+
+    def load_state_dict(self, state: Dict) -> None:
+        mismatched = {k: (v, getattr(self, k)) for k, v in state["settings"].items() if getattr(self, k) != v}
+        if mismatched:
+            raise ValueError("AutoWU.load_state_dict: the checkpoint was made with other settings "
+                             + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in mismatched.items()))
+        self.last_step = int(state["last_step"])
+        self.phase = state["phase"]
+        self.switch_step = state["switch_step"]
+        self.peak_lr = state["peak_lr"]
+        self.history = [dict(r) for r in state["history"]]
+        self.switch_curve = state["switch_curve"]
+        self._passes_in_row = int(state["passes_in_row"])
+        self._num_reduced = int(state["num_reduced"])
+        self._hyper = GPHyperparameters.from_state_dict(state["gp_hyperparameters"])
+        self._generator.set_state(state["generator_state"])
+        self._losses = None
+        self._restored_losses = state["losses"] if self.phase == "warmup" else None
+        self._set_lrs()
+
+    def __repr__(self) -> str:
+        return (f"AutoWU(phase={self.phase}, step={self.last_step}/{self.total_steps}, "
+                f"lr={self._last_lr[0]:.3g}, switch_step={self.switch_step}, peak_lr={self.peak_lr})")
