@@ -222,9 +222,7 @@ class AutoWU:
         """Run the GP test on every loss so far; switch after ``patience`` passes in a row or at the cap."""
         started = time.perf_counter()
         n = self.last_step
-        if self.loss_reducer is not None and n > self._num_reduced:
-            self.loss_reducer(self._losses[self._num_reduced:n])  # one all-reduce per test
-        self._num_reduced = n
+        self.reduce_pending_losses()  # one all-reduce per test
         losses = self._losses[:n].double().cpu().numpy()  # the one host sync of an epoch
         usable = usable_losses(losses, self.spike_threshold)
         record = {"step": n, "epoch": n / self.steps_per_epoch, "lr": self.warmup_lr(n - 1),
@@ -246,7 +244,8 @@ class AutoWU:
             argmin_lr, passed = self.warmup_lr(n - 1), False
             record.update(probability=float("nan"), probabilities=[], votes=0)
         if self.decision_sync is not None:
-            synced = self.decision_sync(torch.tensor([float(passed), argmin_lr], dtype=torch.float64))
+            decision = torch.tensor([float(passed), argmin_lr], dtype=torch.float64, device=self._losses.device)
+            synced = self.decision_sync(decision).cpu()
             passed, argmin_lr = bool(synced[0] > 0.5), float(synced[1])
         self._passes_in_row = self._passes_in_row + 1 if passed else 0
         switch = at_cap or self._passes_in_row >= self.patience
@@ -262,6 +261,17 @@ class AutoWU:
                 self.switch_curve = {"step": n, "x": result.grid.tolist(), "mean": result.curve_mean.tolist(),
                                      "std": result.curve_std.tolist(),
                                      "lr": [self.warmup_lr(x * n) for x in result.grid]}
+
+    def reduce_pending_losses(self) -> None:
+        """All-reduce (through ``loss_reducer``) the losses buffered since the last reduction.
+
+        Called before each test, and by the DeepSpeed hook before a checkpoint (a collective, so on every
+        rank): a checkpoint then holds the ranks' mean losses, not one rank's own.
+        """
+        n = self.last_step
+        if self.loss_reducer is not None and self._losses is not None and n > self._num_reduced:
+            self.loss_reducer(self._losses[self._num_reduced:n])
+        self._num_reduced = n
 
     # ---------------------------------------------------------------- checkpointing
     def state_dict(self) -> Dict:

@@ -1,0 +1,179 @@
+"""AutoWU as a DeepSpeed LR scheduler: chosen from the JSON config, fed by an engine hook.
+
+DeepSpeed rejects scheduler types it does not know, so ``initialize`` here is the registration step: it takes
+a config whose ``"scheduler"`` block says ``{"type": "AutoWU", "params": {...}}``, builds AutoWU as the client
+scheduler on the engine's basic optimizer and hands everything else to ``deepspeed.initialize`` untouched. Any
+other scheduler block (DeepSpeed's own, torch's) passes through unchanged. The training loop stays DeepSpeed's::
+
+    engine, optimizer, _, scheduler = autowu.deepspeed.initialize(
+        model=model, optimizer=optimizer, config="ds_configs/resnet50_4k.json",
+        steps_per_epoch=len(loader), total_epochs=epochs)
+    for images, labels in loader:
+        loss = criterion(engine(images), labels)
+        engine.backward(loss)
+        engine.step()
+
+The hook (``AutoWULossHook``) keeps the mean of each optimizer step's micro-batch losses on the device and
+hands it to the scheduler, which buffers it there. At each epoch's end the scheduler makes one all-reduce (mean
+over data-parallel ranks) of the losses buffered since its last test, runs the GP test, and takes rank 0's
+decision by a broadcast, so every rank switches at the same step with the same LR. On an fp16 overflow the
+engine skips the scheduler's step; the hook steps it anyway, so the schedule stays aligned with the data.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import math
+import os
+from typing import Any, Dict, Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from .scheduler import AutoWU
+
+SCHEDULER_TYPE = "AutoWU"
+_AUTOWU_PARAMS = set(inspect.signature(AutoWU.__init__).parameters) - {"self", "optimizer"}
+
+
+def load_config(config: Union[str, os.PathLike, Dict[str, Any]]) -> Dict[str, Any]:
+    """A DeepSpeed config as a dict, from a dict or a JSON file, with a clear error for a bad file."""
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    path = os.fspath(config)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"DeepSpeed config not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"DeepSpeed config {path} is not valid JSON: {err}") from None
+
+
+def autowu_params(config: Dict[str, Any], **overrides) -> Optional[Dict[str, Any]]:
+    """AutoWU's keyword arguments from a config's scheduler block, or None if it names another scheduler.
+
+    ``overrides`` (typically ``steps_per_epoch`` and ``total_epochs``, known only once the data is) win over
+    the JSON. Unknown keys raise: a misspelt option must not be silently ignored.
+    """
+    block = config.get("scheduler")
+    if not block or block.get("type") != SCHEDULER_TYPE:
+        return None
+    params = dict(block.get("params", {}))
+    params.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(params) - _AUTOWU_PARAMS)
+    if unknown:
+        raise ValueError(f"scheduler AutoWU: unknown params {unknown}; known: {sorted(_AUTOWU_PARAMS)}")
+    missing = [k for k in ("steps_per_epoch", "total_epochs") if k not in params]
+    if missing:
+        raise ValueError(f"scheduler AutoWU needs {missing}: put them in the config's scheduler params or "
+                         "pass them to autowu.deepspeed.initialize")
+    return params
+
+
+class AutoWULossHook:
+    """Wraps ``engine.backward`` and ``engine.step`` to feed AutoWU each optimizer step's loss.
+
+    The loss is summed on its device over the micro-batches of a step (no ``.item()``, no host sync) and its
+    mean handed to the scheduler as ``pending_loss`` right before the engine would step it.
+    """
+
+    def __init__(self, engine, scheduler: AutoWU):
+        self.engine = engine
+        self.scheduler = scheduler
+        self._loss_sum: Optional[torch.Tensor] = None
+        self._micro_batches = 0
+        self._engine_backward = engine.backward
+        self._engine_step = engine.step
+        self._engine_save_checkpoint = engine.save_checkpoint
+        engine.backward = self.backward
+        engine.step = self.step
+        engine.save_checkpoint = self.save_checkpoint
+        group = getattr(engine, "seq_data_parallel_group", None)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+            scheduler.loss_reducer = _AllReduceMean(group)
+            scheduler.decision_sync = _BroadcastFromFirstRank(group)
+
+    def backward(self, loss, *args, **kwargs):
+        detached = loss.detach().float()
+        self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
+        self._micro_batches += 1
+        return self._engine_backward(loss, *args, **kwargs)
+
+    def step(self, *args, **kwargs):
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        if boundary:
+            if self._loss_sum is not None:
+                self.scheduler.pending_loss = self._loss_sum / self._micro_batches
+            self._loss_sum, self._micro_batches = None, 0
+        result = self._engine_step(*args, **kwargs)
+        if boundary and not self.engine.was_step_applied():
+            # fp16 overflow: the engine skipped the scheduler, but the step consumed its data. Its loss (from
+            # the forward pass, which did not overflow) is as real as any other.
+            if self.scheduler.pending_loss is None:
+                self.scheduler.pending_loss = torch.tensor(math.nan)
+            self.scheduler.step()
+        self.scheduler.pending_loss = None
+        return result
+
+    def save_checkpoint(self, *args, **kwargs):
+        # Every rank calls save_checkpoint; rank 0's scheduler state is what every rank loads, so the losses
+        # it holds must already be the ranks' mean.
+        self.scheduler.reduce_pending_losses()
+        return self._engine_save_checkpoint(*args, **kwargs)
+
+    def remove(self) -> None:
+        self.engine.backward = self._engine_backward
+        self.engine.step = self._engine_step
+        self.engine.save_checkpoint = self._engine_save_checkpoint
+        self.scheduler.loss_reducer = self.scheduler.decision_sync = None
+
+
+class _AllReduceMean:
+    def __init__(self, group):
+        self.group = group
+
+    def __call__(self, losses: torch.Tensor) -> None:
+        dist.all_reduce(losses, op=dist.ReduceOp.SUM, group=self.group)
+        losses /= dist.get_world_size(self.group)
+
+
+class _BroadcastFromFirstRank:
+    def __init__(self, group):
+        self.group = group
+
+    def __call__(self, decision: torch.Tensor) -> torch.Tensor:
+        dist.broadcast(decision, src=dist.get_global_rank(self.group, 0) if self.group is not None else 0,
+                       group=self.group)
+        return decision
+
+
+def initialize(args=None, model=None, optimizer=None, model_parameters=None, config=None,
+               steps_per_epoch: Optional[int] = None, total_epochs: Optional[int] = None, **kwargs):
+    """``deepspeed.initialize`` that understands ``"scheduler": {"type": "AutoWU", ...}``.
+
+    The config comes from ``config`` or ``args.deepspeed_config``. Returns DeepSpeed's
+    ``(engine, optimizer, training_dataloader, lr_scheduler)``; with AutoWU, the hook is installed on the
+    engine and ``engine.autowu_hook`` holds it.
+    """
+    import deepspeed
+
+    if config is None and args is not None and getattr(args, "deepspeed_config", None):
+        config = args.deepspeed_config
+        args = argparse.Namespace(**{**vars(args), "deepspeed_config": None})
+    if config is None:
+        raise ValueError("autowu.deepspeed.initialize needs a config (a dict or a JSON path)")
+    config = load_config(config)
+    params = autowu_params(config, steps_per_epoch=steps_per_epoch, total_epochs=total_epochs)
+    if params is not None:
+        if kwargs.get("lr_scheduler") is not None:
+            raise ValueError("the config selects AutoWU and an lr_scheduler was passed too: choose one")
+        del config["scheduler"]
+        kwargs["lr_scheduler"] = lambda basic_optimizer: AutoWU(basic_optimizer, **params)
+    engine, engine_optimizer, loader, scheduler = deepspeed.initialize(
+        args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, config=config, **kwargs)
+    if isinstance(scheduler, AutoWU):
+        engine.autowu_hook = AutoWULossHook(engine, scheduler)
+    return engine, engine_optimizer, loader, scheduler

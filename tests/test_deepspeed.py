@@ -1,0 +1,81 @@
+"""AutoWU inside real DeepSpeed engines: 2 CPU ranks through the deepspeed launcher (gloo), ZeRO-1, AdamP."""
+import json
+
+import pytest
+import torch
+
+from autowu.deepspeed import autowu_params, initialize, load_config
+from conftest import REPO, run_deepspeed
+
+SCRIPT = REPO / "tests" / "ds_scripts" / "autowu_engine.py"
+STEPS_PER_EPOCH, TOTAL_STEPS = 10, 400
+
+
+def launch(mode, tmp_path):
+    proc = run_deepspeed([SCRIPT, "--mode", mode, "--out", tmp_path])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def as_int_keys(lrs):
+    return {int(k): v for k, v in lrs.items()}
+
+
+def test_gradient_accumulation_resume_and_ranks_switch_together(tmp_path):
+    ranks = launch("resume", tmp_path)
+    full = [r["full"] for r in ranks]
+    # Every rank took the same decisions at the same steps, with the same LRs at every step.
+    assert full[0] == full[1]
+    assert ranks[0]["full_lrs"] == ranks[1]["full_lrs"]
+    assert full[0]["switch_step"] is not None and full[0]["switch_step"] % STEPS_PER_EPOCH == 0
+    assert [h["step"] for h in full[0]["history"]] == list(range(10, full[0]["switch_step"] + 1, 10))
+    assert full[0]["last_step"] == TOTAL_STEPS and full[0]["final_lr"] == 0.0
+    # Resumed from a mid-warmup, mid-epoch checkpoint: the same LRs, switch step and peak LR.
+    for r in ranks:
+        assert r["resumed_from"] == {"global_steps": 53, "scheduler_step": 53}
+        full_lrs, resumed_lrs = as_int_keys(r["full_lrs"]), as_int_keys(r["resumed_lrs"])
+        assert resumed_lrs == {k: v for k, v in full_lrs.items() if k >= 53}
+        assert r["resumed"] == r["full"]
+
+
+def test_fp16_overflows_keep_the_schedule_aligned_with_the_data(tmp_path):
+    ranks = launch("fp16", tmp_path)
+    for r in ranks:
+        run = r["fp16"]
+        assert r["dtype"] == "torch.float16"
+        assert r["skipped_steps"] >= 4  # the four forced overflows, plus the loss scaler's own
+        assert run["last_step"] == r["global_steps"] == TOTAL_STEPS  # stepped on skipped steps too
+        # A test at every epoch's end, also where an epoch's last step overflowed (steps 20 and 90).
+        assert [h["step"] for h in run["history"]] == list(range(10, run["switch_step"] + 1, 10))
+        assert run["history"][-1]["nonfinite"] >= 4  # the forced inf losses were ignored, not fitted
+        assert run["final_lr"] == 0.0  # the cosine reached 0 at the last step
+    assert ranks[0]["fp16"] == ranks[1]["fp16"] and ranks[0]["lrs"] == ranks[1]["lrs"]
+
+
+def test_a_builtin_deepspeed_scheduler_still_works(tmp_path):
+    ranks = launch("builtin", tmp_path)
+    assert ranks[0]["scheduler_type"] == "WarmupLR"
+    lrs = list(ranks[0]["lrs"].values())
+    assert lrs[-1] == pytest.approx(0.01) and lrs[0] == 0.0
+
+
+def test_config_errors_are_clear(tmp_path):
+    config = {"scheduler": {"type": "AutoWU", "params": {"steps_per_epoch": 10, "total_epoch": 5}}}
+    with pytest.raises(ValueError, match="unknown params \\['total_epoch'\\]"):
+        autowu_params(config)
+    with pytest.raises(ValueError, match="total_epochs"):
+        autowu_params({"scheduler": {"type": "AutoWU", "params": {"steps_per_epoch": 10}}})
+    assert autowu_params({"scheduler": {"type": "WarmupLR", "params": {}}}) is None
+    params = autowu_params({"scheduler": {"type": "AutoWU", "params": {"immediate_cooldown": True}}},
+                           steps_per_epoch=7, total_epochs=3)
+    assert params == {"immediate_cooldown": True, "steps_per_epoch": 7, "total_epochs": 3}
+    with pytest.raises(FileNotFoundError, match="no_such.json"):
+        load_config(tmp_path / "no_such.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{\"train_batch_size\": 8,}")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_config(bad)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="choose one"):
+        initialize(model=model, config={"scheduler": {"type": "AutoWU", "params": {}}}, steps_per_epoch=1,
+                   total_epochs=1, lr_scheduler=object())
