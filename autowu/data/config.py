@@ -1,0 +1,119 @@
+"""Data configs (``ffcv_configs/*.json``): how betons are written and how the loaders read them.
+
+Each field declares its type and default together, and a key nothing declares raises: a misspelt option must
+never be silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Tuple, Type, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class WriteConfig:
+    """FFCV ``RGBImageField`` settings; the defaults are ffcv-imagenet's ResNet-50 betons."""
+    write_mode: str = "proportion"      # raw | smart | jpg | proportion
+    max_resolution: int = 500           # longest side, px
+    compress_probability: float = 0.5   # share of images stored as JPEG in proportion mode
+    jpeg_quality: int = 90
+    num_workers: int = -1               # -1: every core
+    chunk_size: int = 100
+
+    def __post_init__(self):
+        _check_choice("write.write_mode", self.write_mode, ("raw", "smart", "jpg", "proportion"))
+        _check_range("write.max_resolution", self.max_resolution, 8, 10_000)
+        _check_range("write.compress_probability", self.compress_probability, 0.0, 1.0)
+        _check_range("write.jpeg_quality", self.jpeg_quality, 1, 100)
+
+
+@dataclass(frozen=True)
+class TrainLoaderConfig:
+    resolution: int = 224
+    batch_size: int = 256               # per data-parallel rank
+    num_workers: int = 12
+    scale: Tuple[float, float] = (0.08, 1.0)   # random-resized-crop area range
+    ratio: Tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    lighting_alphastd: float = 0.1      # PCA lighting noise; 0 turns it off
+    order: str = "random"               # random | quasi_random (not with distributed)
+    os_cache: bool = True
+    drop_last: bool = True
+    batches_ahead: int = 3
+
+    def __post_init__(self):
+        _check_range("train.resolution", self.resolution, 8, 4096)
+        _check_range("train.batch_size", self.batch_size, 1, 1 << 20)
+        _check_range("train.lighting_alphastd", self.lighting_alphastd, 0.0, 10.0)
+        _check_choice("train.order", self.order, ("random", "quasi_random"))
+
+
+@dataclass(frozen=True)
+class ValLoaderConfig:
+    resolution: int = 224
+    crop_ratio: float = 224 / 256       # center crop of the shorter side
+    batch_size: int = 256
+    num_workers: int = 12
+    os_cache: bool = True
+    batches_ahead: int = 3
+
+    def __post_init__(self):
+        _check_range("val.resolution", self.resolution, 8, 4096)
+        _check_range("val.crop_ratio", self.crop_ratio, 0.05, 1.0)
+        _check_range("val.batch_size", self.batch_size, 1, 1 << 20)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    write: WriteConfig = field(default_factory=WriteConfig)
+    train: TrainLoaderConfig = field(default_factory=TrainLoaderConfig)
+    val: ValLoaderConfig = field(default_factory=ValLoaderConfig)
+
+    @classmethod
+    def from_dict(cls, raw: Dict[str, Any], source: str = "config") -> "DataConfig":
+        unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)} - {"description"})
+        if unknown:
+            raise ValueError(f"{source}: unknown sections {unknown}; known: write, train, val")
+        sections = {}
+        for f in dataclasses.fields(cls):
+            sections[f.name] = _build(f.default_factory, raw.get(f.name, {}), f"{source}: {f.name}")
+        return cls(**sections)
+
+    @classmethod
+    def from_json(cls, path: str) -> "DataConfig":
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"data config not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            try:
+                raw = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"data config {path} is not valid JSON: {err}") from None
+        return cls.from_dict(raw, source=path)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(section_cls: Type[T], values: Dict[str, Any], where: str) -> T:
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be an object, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(section_cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(fields)}")
+    converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return section_cls(**converted)
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name}: invalid value {value!r}; allowed: {', '.join(map(repr, allowed))}")
+
+
+def _check_range(name, value, low, high):
+    if not low <= value <= high:
+        raise ValueError(f"{name}: {value!r} is outside [{low}, {high}]")

@@ -1,0 +1,193 @@
+"""FFCV betons written from real images (scikit-learn's digits and generated JPEGs), read back by the loaders."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from autowu.data import DataConfig, TrainLoaderConfig, ValLoaderConfig, WriteConfig, beton_info
+from autowu.data import train_loader, val_loader, write_betons
+from autowu.data.digits import build_digits_folder
+from autowu.data.folders import list_image_folder, open_rgb
+from autowu.data.lighting import Lighting, lighting_reference
+from autowu.data.loaders import IMAGENET_MEAN, IMAGENET_STD
+from conftest import REPO, run_deepspeed
+
+WRITE = WriteConfig(max_resolution=64, num_workers=2)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """The digits folder with ImageNet's odd files added, and its betons."""
+    root = build_digits_folder(str(tmp_path_factory.mktemp("digits") / "folders"))
+    rng = np.random.default_rng(0)
+    odd = os.path.join(root, "train", "3")
+    pixels = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    Image.fromarray(pixels).convert("CMYK").save(os.path.join(odd, "cmyk.JPEG"))
+    Image.fromarray(pixels).convert("L").save(os.path.join(odd, "gray.JPEG"))
+    Image.fromarray(pixels).save(os.path.join(odd, "png_in_disguise.JPEG"), format="PNG")
+    Image.fromarray(pixels).save(os.path.join(odd, "truncated.JPEG"), quality=90)
+    with open(os.path.join(odd, "truncated.JPEG"), "r+b") as f:
+        f.truncate(300)
+    with open(os.path.join(odd, "not_an_image.JPEG"), "w") as f:
+        f.write("this is not a JPEG")
+    out = str(tmp_path_factory.mktemp("betons"))
+    report = write_betons(root, out, WRITE, progress=False)
+    return root, out, report
+
+
+def test_writer_converts_odd_files_and_skips_unreadable_ones(digits):
+    root, out, report = digits
+    train = report["splits"]["train"]
+    assert train["skipped"] == 2
+    assert sorted(os.path.basename(s["path"]) for s in train["skipped_files"]) == ["not_an_image.JPEG",
+                                                                                 "truncated.JPEG"]
+    assert train["converted"] == {"CMYK->RGB": 1, "L->RGB": 1, "PNG named .jpeg": 1}
+    assert train["images"] == 1438 + 3 and report["splits"]["val"]["images"] == 359
+    assert beton_info(os.path.join(out, "train.beton"))["num_samples"] == 1441
+    saved = json.loads(open(os.path.join(out, "write_report.json")).read())
+    assert saved["classes"] == [str(d) for d in range(10)]
+
+
+def test_val_loader_reads_back_the_source_images_and_labels(digits):
+    root, out, _ = digits
+    config = ValLoaderConfig(resolution=32, crop_ratio=1.0, batch_size=50, num_workers=1)
+    # FFCV reuses its output buffers a few batches later: keep copies.
+    images, labels = zip(*[(x.clone(), y.clone()) for x, y in val_loader(os.path.join(out, "val.beton"), config)])
+    images, labels = torch.cat(images), torch.cat(labels)
+    _, samples = list_image_folder(os.path.join(root, "val"))
+    assert images.shape == (359, 3, 32, 32) and images.dtype == torch.float32 and labels.dtype == torch.int64
+    assert labels.tolist() == [label for _, label in samples]
+    # Pixels: the source JPEG, normalised (the beton re-encodes half of the images at quality 90).
+    first = np.asarray(open_rgb(samples[0][0])[0], dtype=np.float64)
+    expected = torch.tensor(((first - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1), dtype=torch.float32)
+    assert (images[0] - expected).abs().mean() < 0.05
+    again = torch.cat([x.clone() for x, _ in val_loader(os.path.join(out, "val.beton"), config)])
+    assert torch.equal(images, again)
+
+
+def test_train_loader_shapes_order_per_seed_and_lighting(digits):
+    _, out, _ = digits
+    beton = os.path.join(out, "train.beton")
+    config = TrainLoaderConfig(resolution=24, batch_size=32, num_workers=1)
+
+    def epochs(loader, count=1):
+        return [[(x.clone(), y.clone()) for x, y in loader] for _ in range(count)]
+
+    seed0_epoch0, seed0_epoch1 = epochs(train_loader(beton, config, seed=0), 2)
+    images, labels = seed0_epoch0[0]
+    assert images.shape == (32, 3, 24, 24) and images.dtype == torch.float32 and labels.dtype == torch.int64
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert len(seed0_epoch0) == 1441 // 32  # drop_last
+
+    def order(batches):
+        return torch.cat([y for _, y in batches]).tolist()
+
+    assert order(seed0_epoch0) != order(seed0_epoch1)  # a new order every epoch
+    again, = epochs(train_loader(beton, config, seed=0))
+    assert order(again) == order(seed0_epoch0)  # the same seed, the same order
+    other, = epochs(train_loader(beton, config, seed=1))
+    assert order(other) != order(seed0_epoch0)
+    resumed, = epochs(train_loader(beton, config, seed=0, epoch=1))
+    assert order(resumed) == order(seed0_epoch1)  # a resumed run reads epoch 1's order
+    # Augmented, not the same pixels twice; lighting moves whole images' colour.
+    assert not torch.equal(again[0][0], seed0_epoch0[0][0])
+
+
+def test_lighting_matches_numpy_compiled_and_not():
+    from ffcv.pipeline.compiler import Compiler
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (6, 9, 7, 3), dtype=np.uint8)
+    indices = np.array([11, 4, 8, 2, 9, 0])
+    np.random.seed(5 + 11)
+    expected = lighting_reference(images, np.random.normal(0.0, 0.1, (6, 3)))
+    assert not np.array_equal(expected, images)
+    try:
+        for enabled in (True, False):
+            Compiler.set_enabled(enabled)
+            code = Compiler.compile(Lighting(0.1, seed=5).generate_code())
+            got = code(images, np.empty_like(images), indices)
+            np.testing.assert_array_equal(got, expected)
+    finally:
+        Compiler.set_enabled(True)
+    Compiler.set_enabled(True)
+    unseeded = Compiler.compile(Lighting(0.1).generate_code())
+    a = unseeded(images, np.empty_like(images), indices)
+    b = unseeded(images, np.empty_like(images), indices)
+    assert not np.array_equal(a, b)
+    with pytest.raises(ValueError, match="alphastd"):
+        Lighting(-1.0)
+
+
+def test_shards_on_two_ranks_are_disjoint_and_cover_the_set(tmp_path):
+    folder = tmp_path / "folder"
+    rng = np.random.default_rng(2)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            os.makedirs(folder / split / cls)
+    # 40 generated JPEGs; the label field of this beton is rewritten to each sample's index below.
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
+            folder / "train" / "ab"[i % 2] / f"{i:02d}.JPEG")
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
+            folder / "val" / "ab"[i % 2] / f"{i:02d}.JPEG")
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+    _, samples = list_image_folder(str(folder / "train"))
+
+    class Indexed:
+        def __len__(self):
+            return len(samples)
+
+        def __getitem__(self, i):
+            return open_rgb(samples[i][0])[0], i
+
+    beton = str(tmp_path / "indexed.beton")
+    DatasetWriter(beton, {"image": RGBImageField(), "label": IntField()}, num_workers=1).from_indexed_dataset(
+        Indexed())
+    proc = run_deepspeed([REPO / "tests" / "ds_scripts" / "shards.py", beton, tmp_path])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    shards = [json.loads((tmp_path / f"shard{r}.json").read_text()) for r in range(2)]
+    for epoch in ("train_epoch0", "train_epoch1"):
+        a, b = set(shards[0][epoch]), set(shards[1][epoch])
+        assert len(shards[0][epoch]) == len(shards[1][epoch]) == 20
+        assert not a & b and a | b == set(range(40))
+    assert shards[0]["train_epoch0"] != shards[0]["train_epoch1"]  # a new order each epoch
+    assert set(shards[0]["val"]) | set(shards[1]["val"]) == set(range(40))
+    assert not set(shards[0]["val"]) & set(shards[1]["val"])
+
+
+def test_bad_input_gets_one_clear_error(digits, tmp_path):
+    _, out, _ = digits
+    with pytest.raises(FileNotFoundError, match="beton not found: .*missing.beton"):
+        train_loader(str(tmp_path / "missing.beton"), TrainLoaderConfig())
+    not_beton = tmp_path / "fake.beton"
+    not_beton.write_bytes(b"\0" * 100)
+    with pytest.raises(ValueError, match="not a readable FFCV beton"):
+        val_loader(str(not_beton), ValLoaderConfig())
+    with pytest.raises(ValueError, match="fewer than one batch of 4096"):
+        train_loader(os.path.join(out, "train.beton"), TrainLoaderConfig(batch_size=4096))
+    with pytest.raises(RuntimeError, match="process group"):
+        train_loader(os.path.join(out, "train.beton"), TrainLoaderConfig(), distributed=True)
+    with pytest.raises(FileNotFoundError, match="image folder not found"):
+        write_betons(str(tmp_path / "nowhere"), str(tmp_path / "o"), WRITE, progress=False)
+    os.makedirs(tmp_path / "empty" / "train" / "cat")
+    os.makedirs(tmp_path / "empty" / "val" / "cat")
+    with pytest.raises(ValueError, match="no images"):
+        write_betons(str(tmp_path / "empty"), str(tmp_path / "o"), WRITE, progress=False)
+    with pytest.raises(ValueError, match="unknown keys \\['resolutoin'\\]"):
+        DataConfig.from_dict({"train": {"resolutoin": 224}})
+    with pytest.raises(ValueError, match="write_mode"):
+        DataConfig.from_dict({"write": {"write_mode": "png"}})
+
+
+def test_shipped_configs_load():
+    for name in os.listdir(REPO / "ffcv_configs"):
+        config = DataConfig.from_json(str(REPO / "ffcv_configs" / name))
+        assert config.train.resolution >= 8
+    imagenet = DataConfig.from_json(str(REPO / "ffcv_configs" / "rn50_imagenet.json"))
+    assert (imagenet.write.write_mode, imagenet.write.max_resolution, imagenet.write.compress_probability,
+            imagenet.write.jpeg_quality) == ("proportion", 500, 0.5, 90)
+    assert imagenet.train.lighting_alphastd == 0.1 and imagenet.val.crop_ratio == 224 / 256
