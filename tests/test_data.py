@@ -11,7 +11,8 @@ from autowu.data import DataConfig, TrainLoaderConfig, ValLoaderConfig, WriteCon
 from autowu.data import train_loader, val_loader, write_betons
 from autowu.data.digits import build_digits_folder
 from autowu.data.folders import list_image_folder, open_rgb
-from autowu.data.lighting import Lighting, lighting_reference
+from autowu.data.lighting import (FlipLightingNormalize, Lighting, flip_lighting_normalize_reference,
+                                  lighting_reference)
 from autowu.data.loaders import IMAGENET_MEAN, IMAGENET_STD
 from conftest import REPO, run_deepspeed
 
@@ -119,6 +120,26 @@ def test_lighting_matches_numpy_compiled_and_not():
     assert not np.array_equal(a, b)
     with pytest.raises(ValueError, match="alphastd"):
         Lighting(-1.0)
+
+
+def test_fused_cpu_tail_matches_numpy_compiled_and_not():
+    from ffcv.pipeline.compiler import Compiler
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (8, 5, 6, 3), dtype=np.uint8)
+    indices = np.array([3, 1, 4, 1, 5, 9, 2, 6])
+    np.random.seed(7 + 3)
+    alphas = np.random.normal(0.0, 0.1, (8, 3))
+    flips = np.random.rand(8) < 0.5
+    assert 0 < flips.sum() < 8
+    expected = flip_lighting_normalize_reference(images, flips, alphas, IMAGENET_MEAN, IMAGENET_STD)
+    op = FlipLightingNormalize(IMAGENET_MEAN, IMAGENET_STD, flip_prob=0.5, alphastd=0.1, seed=7)
+    try:
+        for enabled in (True, False):
+            Compiler.set_enabled(enabled)
+            got = Compiler.compile(op.generate_code())(images, np.empty(images.shape, np.float32), indices)
+            np.testing.assert_allclose(got, expected, atol=1e-4)
+    finally:
+        Compiler.set_enabled(True)
 
 
 def test_shards_on_two_ranks_are_disjoint_and_cover_the_set(tmp_path):

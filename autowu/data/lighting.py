@@ -84,3 +84,78 @@ class Lighting(Operation):
             raise ValueError(f"Lighting expects uint8 HWC images from a decoder, got {previous_state.dtype} "
                              f"{previous_state.shape}: put it before ToTensor and normalisation")
         return replace(previous_state, jit_mode=True), AllocationQuery(previous_state.shape, previous_state.dtype)
+
+
+def flip_lighting_normalize_reference(images: np.ndarray, flips: np.ndarray, alphas: np.ndarray,
+                                      mean: np.ndarray, std: np.ndarray, eigval: np.ndarray = IMAGENET_EIGVAL,
+                                      eigvec: np.ndarray = IMAGENET_EIGVEC) -> np.ndarray:
+    """Plain numpy: what ``FlipLightingNormalize`` computes (no rounding, no clipping, as the paper)."""
+    out = images.astype(np.float64)
+    out[flips] = out[flips][:, :, ::-1]
+    out += lighting_offsets(alphas, eigval, eigvec)[:, None, None, :]
+    return ((out - mean) / std).astype(np.float32)
+
+
+class FlipLightingNormalize(Operation):
+    """The CPU path's fused tail: horizontal flip, PCA lighting and normalisation in one pass, uint8 -> float32.
+
+    On a CPU every extra pass over the batch costs: separately, FFCV's flip, ``Lighting`` and FFCV's
+    ``NormalizeImage`` run at ~1,100 images/s on 2 cores; fused, at ~1,400 (benchmarks/RESULTS.md). On a GPU
+    the pipeline keeps ``Lighting`` on uint8 and normalises on the device.
+    """
+
+    def __init__(self, mean: np.ndarray, std: np.ndarray, flip_prob: float = 0.5, alphastd: float = 0.1,
+                 eigval: np.ndarray = IMAGENET_EIGVAL, eigvec: np.ndarray = IMAGENET_EIGVEC,
+                 seed: Optional[int] = None):
+        super().__init__()
+        if alphastd < 0 or not 0 <= flip_prob <= 1:
+            raise ValueError(f"FlipLightingNormalize: need alphastd >= 0 and 0 <= flip_prob <= 1, "
+                             f"got {alphastd}, {flip_prob}")
+        self.mean = np.asarray(mean, dtype=np.float64)
+        self.std = np.asarray(std, dtype=np.float64)
+        self.flip_prob = float(flip_prob)
+        self.alphastd = float(alphastd)
+        self.eigval = np.asarray(eigval, dtype=np.float64)
+        self.eigvec = np.asarray(eigvec, dtype=np.float64)
+        self.seed = seed
+
+    def generate_code(self) -> Callable:
+        parallel_range = Compiler.get_iterator()
+        alphastd, flip_prob = self.alphastd, self.flip_prob
+        scaled_eigvec_t = 255.0 * self.eigvec.T.copy()
+        eigval = self.eigval.copy()
+        inv_std = (1.0 / self.std).astype(np.float32)
+        mean = self.mean.copy()
+        seeded = self.seed is not None
+        seed = 0 if self.seed is None else int(self.seed)
+
+        def flip_lighting_normalize(images, dst, indices):
+            num_images = images.shape[0]
+            if seeded:
+                np.random.seed(seed + indices[0])
+            alphas = np.random.normal(0.0, alphastd, (num_images, 3))
+            flips = np.random.rand(num_images) < flip_prob
+            # (x + offset - mean) / std = x * inv_std + bias, with the lighting offset folded into the bias
+            bias = (((alphas * eigval) @ scaled_eigvec_t - mean) * inv_std).astype(np.float32)
+            height, width = images.shape[1], images.shape[2]
+            for i in parallel_range(num_images):
+                flip = flips[i]
+                b0, b1, b2 = bias[i, 0], bias[i, 1], bias[i, 2]
+                for y in range(height):
+                    for x in range(width):
+                        sx = width - 1 - x if flip else x
+                        dst[i, y, x, 0] = images[i, y, sx, 0] * inv_std[0] + b0
+                        dst[i, y, x, 1] = images[i, y, sx, 1] * inv_std[1] + b1
+                        dst[i, y, x, 2] = images[i, y, sx, 2] * inv_std[2] + b2
+            return dst
+
+        flip_lighting_normalize.is_parallel = True
+        flip_lighting_normalize.with_indices = True
+        return flip_lighting_normalize
+
+    def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Optional[AllocationQuery]]:
+        if previous_state.dtype != np.uint8 or len(previous_state.shape) != 3:
+            raise ValueError(f"FlipLightingNormalize expects uint8 HWC images from a decoder, got "
+                             f"{previous_state.dtype} {previous_state.shape}")
+        new_state = replace(previous_state, jit_mode=True, dtype=np.dtype(np.float32))
+        return new_state, AllocationQuery(previous_state.shape, np.dtype(np.float32))

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .config import TrainLoaderConfig, ValLoaderConfig
-from .lighting import Lighting
+from .lighting import FlipLightingNormalize, Lighting
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406]) * 255
 IMAGENET_STD = np.array([0.229, 0.224, 0.225]) * 255
@@ -87,7 +87,7 @@ def train_loader(path: str, config: TrainLoaderConfig, device="cpu", distributed
     FFCV does not checkpoint it)."""
     from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import RandomHorizontalFlip
+    from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
 
     device = torch.device(device)
     info = beton_info(path)
@@ -98,11 +98,16 @@ def train_loader(path: str, config: TrainLoaderConfig, device="cpu", distributed
                          "use random")
     image = [RandomResizedCropRGBImageDecoder((config.resolution, config.resolution), scale=tuple(config.scale),
                                               ratio=tuple(config.ratio))]
-    if config.flip:
-        image.append(RandomHorizontalFlip())
-    if config.lighting_alphastd > 0:
-        image.append(Lighting(config.lighting_alphastd, seed=lighting_seed))
-    image += _image_tail(device, dtype)
+    if device.type == "cuda" or dtype not in (None, np.float32):
+        if config.flip:
+            image.append(RandomHorizontalFlip())
+        if config.lighting_alphastd > 0:
+            image.append(Lighting(config.lighting_alphastd, seed=lighting_seed))
+        image += _image_tail(device, dtype)
+    else:  # CPU: one fused pass for flip, lighting and normalisation, then the tensor conversion
+        image += [FlipLightingNormalize(IMAGENET_MEAN, IMAGENET_STD, flip_prob=0.5 if config.flip else 0.0,
+                                        alphastd=config.lighting_alphastd, seed=lighting_seed),
+                  ToTensor(), ToTorchImage()]
     order = OrderOption.QUASI_RANDOM if config.order == "quasi_random" else OrderOption.RANDOM
     loader = Loader(path, batch_size=config.batch_size, num_workers=config.num_workers, os_cache=config.os_cache,
                     order=order, distributed=distributed, seed=seed, drop_last=config.drop_last,
