@@ -3,7 +3,7 @@
 Same inputs, same state and same random draws as the fast test, computed the way kakaobrain/autowu does it:
 an ExactGP (constant mean, scaled RBF kernel, Gaussian likelihood), 100 steps of torch Adam on the exact
 marginal likelihood, then five predictive distributions with full 500 x 500 covariances. Select it with
-``AutoWU(..., gp_backend="gpytorch")``; it is about fifty times slower on a CPU.
+``AutoWU(..., gp_backend="gpytorch")``; it is about 80 times slower on a CPU (benchmarks/bench_gp.py).
 """
 from __future__ import annotations
 
