@@ -258,9 +258,11 @@ class AutoWU:
             self.peak_lr = argmin_lr
             self._losses = self._restored_losses = None  # the buffer is only needed during warmup
             if result is not None:
+                # What the GP saw and predicted at the switch, for logs and plots.
                 self.switch_curve = {"step": n, "x": result.grid.tolist(), "mean": result.curve_mean.tolist(),
                                      "std": result.curve_std.tolist(),
-                                     "lr": [self.warmup_lr(x * n) for x in result.grid]}
+                                     "lr": [self.warmup_lr(x * n) for x in result.grid],
+                                     "losses": losses.tolist(), "usable": usable.tolist()}
 
     def reduce_pending_losses(self) -> None:
         """All-reduce (through ``loss_reducer``) the losses buffered since the last reduction.

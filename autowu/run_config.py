@@ -1,0 +1,98 @@
+"""The run settings of ``launch/train.py``: the ``"train"`` block of a DeepSpeed JSON config in ``ds_configs/``.
+
+DeepSpeed's own keys (batch sizes, fp16, ZeRO, the scheduler block) stay where DeepSpeed reads them; what
+DeepSpeed has no place for (the model, the epochs, the data, the paper's AdamP settings) lives in ``"train"``,
+which the launcher takes out before handing the rest to DeepSpeed. Unknown keys raise.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+from .deepspeed import load_config
+
+
+@dataclass(frozen=True)
+class AdamPSettings:
+    """timm's AdamP with the paper's settings. The LR is AutoWU's to set."""
+    betas: Tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    delta: float = 0.1
+    wd_ratio: float = 0.1
+    nesterov: bool = False
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    model: str = "resnet50"                     # a timm model name
+    epochs: int = 90
+    num_classes: Optional[int] = None           # None: from the beton's labels
+    label_smoothing: float = 0.0                # the paper: 0.1 for EfficientNet
+    sync_bn: bool = False                       # the paper: SyncBN for EfficientNet (GPU runs)
+    channels_last: bool = True                  # GPU only
+    data_config: str = "ffcv_configs/rn50_imagenet.json"
+    default_data: Optional[str] = None          # "digits": build the embedded dataset when no data is given
+    checkpoint_every: int = 5                   # epochs; and always at the end
+    log_every: int = 20                         # steps between progress/log readings of the loss
+    optimizer: AdamPSettings = field(default_factory=AdamPSettings)
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ValueError(f"train.epochs must be >= 1, got {self.epochs}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.default_data not in (None, "digits"):
+            raise ValueError(f"train.default_data: invalid {self.default_data!r}; allowed: null, 'digits'")
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError("train.checkpoint_every and train.log_every must be >= 1")
+
+    @classmethod
+    def from_dict(cls, raw: Dict[str, Any], source: str) -> "RunSettings":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown keys in \"train\": {unknown}; known: {sorted(known)}")
+        values = dict(raw)
+        if "optimizer" in values:
+            opt_known = {f.name for f in dataclasses.fields(AdamPSettings)}
+            opt_unknown = sorted(set(values["optimizer"]) - opt_known)
+            if opt_unknown:
+                raise ValueError(f"{source}: unknown keys in \"train.optimizer\": {opt_unknown}; "
+                                 f"known: {sorted(opt_known)}")
+            opt = dict(values["optimizer"])
+            if "betas" in opt:
+                opt["betas"] = tuple(opt["betas"])
+            values["optimizer"] = AdamPSettings(**opt)
+        return cls(**values)
+
+
+def split_config(path: str) -> Tuple[Dict[str, Any], RunSettings]:
+    """A ``ds_configs/`` file -> (DeepSpeed's part, the run settings)."""
+    config = load_config(path)
+    run = RunSettings.from_dict(config.pop("train", {}), source=path)
+    return config, run
+
+
+def resolve_batch(config: Dict[str, Any], world_size: int, source: str) -> int:
+    """Fill in gradient accumulation so that micro x accumulation x world = global; return the accumulation.
+
+    Raises one clear error when the global batch cannot be reached on this many ranks.
+    """
+    micro = config.get("train_micro_batch_size_per_gpu")
+    global_batch = config.get("train_batch_size")
+    if micro is None or global_batch is None:
+        raise ValueError(f"{source}: needs train_batch_size (global) and train_micro_batch_size_per_gpu")
+    per_step = micro * world_size
+    if global_batch % per_step:
+        raise ValueError(f"{source}: train_batch_size {global_batch} is not a multiple of "
+                         f"train_micro_batch_size_per_gpu {micro} x {world_size} ranks = {per_step}; "
+                         f"use a world size that divides {global_batch // micro} or change the batch sizes")
+    accumulation = global_batch // per_step
+    configured = config.get("gradient_accumulation_steps")
+    if configured not in (None, "auto", accumulation):
+        raise ValueError(f"{source}: gradient_accumulation_steps {configured} disagrees with "
+                         f"{global_batch} / ({micro} x {world_size} ranks) = {accumulation}; remove it or fix it")
+    config["gradient_accumulation_steps"] = accumulation
+    return accumulation

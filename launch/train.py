@@ -1,0 +1,287 @@
+"""Train a timm model on FFCV betons with DeepSpeed and the AutoWU scheduler.
+
+    deepspeed --hostfile hosts launch/train.py --deepspeed_config ds_configs/resnet50_4k.json \
+        --data_dir /data/imagenet_betons --out_dir runs/rn50_4k
+
+    # the embedded default: scikit-learn's digits, 2 CPU ranks, a minute or two
+    deepspeed --num_gpus 2 launch/train.py --deepspeed_config ds_configs/cpu_digits.json
+
+The JSON holds DeepSpeed's settings (batch sizes, fp16, ZeRO-1, ``"scheduler": {"type": "AutoWU"}``) and a
+``"train"`` block (model, epochs, data config, AdamP settings; ``autowu/run_config.py``). ``--data_dir`` holds
+``train.beton`` and ``val.beton`` (``launch/write_betons.py``). The run directory gets the resolved config,
+``log.jsonl`` (losses, LRs, every AutoWU test, validation), DeepSpeed's TensorBoard and CSV monitors, and
+checkpoints; ``--resume`` continues from the latest one. ``launch/plot_run.py <out_dir>`` draws the run.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import deepspeed  # noqa: E402
+
+import autowu.deepspeed as autowu_ds  # noqa: E402
+from autowu.data import DataConfig, beton_info, train_loader, val_loader, write_betons  # noqa: E402
+from autowu.data.digits import build_digits_folder  # noqa: E402
+from autowu.run_config import resolve_batch, split_config  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", default=None, help="folder with train.beton and val.beton")
+    parser.add_argument("--out_dir", default=None, help="run directory (default: runs/<config name>)")
+    parser.add_argument("--model", default=None, help="timm model name (overrides the config)")
+    parser.add_argument("--epochs", type=int, default=None, help="overrides the config")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    parser.add_argument("--stop_after_epoch", type=int, default=None,
+                        help="end this process after that epoch (checkpointed), as a preemption would")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
+    parser = deepspeed.add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    if not args.deepspeed_config:
+        parser.error("--deepspeed_config is required (a JSON file from ds_configs/)")
+    return args
+
+
+def log(message):
+    if dist.get_rank() == 0:
+        print(f"[train] {message}", flush=True)
+
+
+class JsonLog:
+    """JSON lines on rank 0: one object a record, flushed at once so that a crash loses nothing."""
+
+    def __init__(self, path, enabled):
+        self.file = open(path, "a", encoding="utf-8") if enabled else None
+
+    def write(self, **record):
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+
+def prepare_data(args, run, out_dir):
+    """The betons to train on: ``--data_dir``, or the embedded digits dataset built once by rank 0."""
+    if args.data_dir:
+        data_dir = args.data_dir
+    elif run.default_data == "digits":
+        data_dir = os.path.join(REPO, "data", "digits", "betons")
+        if dist.get_rank() == 0 and not os.path.exists(os.path.join(data_dir, "val.beton")):
+            print("[train] no --data_dir: building the embedded dataset (scikit-learn's digits as JPEGs)", flush=True)
+            folders = build_digits_folder(os.path.join(REPO, "data", "digits", "folders"))
+            write_betons(folders, data_dir, DataConfig.from_json(os.path.join(REPO, run.data_config)).write)
+        dist.barrier()
+    else:
+        raise ValueError("--data_dir is required: a folder with train.beton and val.beton "
+                         "(write them with launch/write_betons.py)")
+    paths = {split: os.path.join(data_dir, f"{split}.beton") for split in ("train", "val")}
+    infos = {split: beton_info(path) for split, path in paths.items()}  # one clear error if missing
+    return paths, infos
+
+
+def num_classes_of(path):
+    from ffcv.reader import Reader
+    reader = Reader(path)
+    labels = reader.metadata[f"f{list(reader.field_names).index('label')}"]
+    return int(labels.max()) + 1
+
+
+def build_model(run, num_classes, device, distributed):
+    import timm
+    try:
+        model = timm.create_model(run.model, num_classes=num_classes)
+    except RuntimeError as err:
+        if "Unknown model" not in str(err):
+            raise
+        close = timm.list_models(f"*{run.model.split('_')[0]}*")[:8]
+        raise ValueError(f"unknown model {run.model!r} (timm); similar names: {close}") from None
+    if run.sync_bn and distributed:
+        if device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            log("sync_bn: SyncBatchNorm needs GPUs; keeping per-rank BatchNorm on CPU")
+    model = model.to(device)
+    if run.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def evaluate(engine, loader, num_samples, dtype):
+    """Top-1/top-5 over the whole validation set, all-reduced; the padding duplicates are not counted."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    pad = math.ceil(num_samples / world) * world - num_samples
+    # DistributedSampler pads by repeating the first samples; they land last on ranks >= N mod world.
+    my_count = math.ceil(num_samples / world) - (1 if pad and rank >= num_samples % world else 0)
+    totals = torch.zeros(3, dtype=torch.float64, device=engine.device)
+    seen = 0
+    engine.eval()
+    with torch.no_grad():
+        for images, labels in loader:
+            keep = min(len(labels), my_count - seen)
+            seen += len(labels)
+            if keep <= 0:
+                continue
+            logits = engine(images.to(dtype))[:keep].float()
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = top5 == labels[:keep, None]
+            totals += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
+                                   torch.tensor(keep, device=hits.device)]).to(totals)
+    engine.train()
+    dist.all_reduce(totals)
+    return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item(), int(totals[2].item())
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", args.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    # ---- config: DeepSpeed's part, the run's part, the data's
+    ds_config, run = split_config(args.deepspeed_config)
+    if args.model:
+        run = type(run)(**{**run.__dict__, "model": args.model})
+    if args.epochs:
+        run = type(run)(**{**run.__dict__, "epochs": args.epochs})
+    accumulation = resolve_batch(ds_config, world, args.deepspeed_config)
+    data_config = DataConfig.from_json(os.path.join(REPO, run.data_config))
+    micro_batch = ds_config["train_micro_batch_size_per_gpu"]
+    out_dir = args.out_dir or os.path.join(REPO, "runs", os.path.splitext(os.path.basename(args.deepspeed_config))[0])
+    os.makedirs(out_dir, exist_ok=True)
+    for monitor in ("tensorboard", "csv_monitor"):
+        if ds_config.get(monitor, {}).get("enabled"):
+            ds_config[monitor] = {**ds_config[monitor], "output_path": os.path.join(out_dir, "monitor"),
+                                  "job_name": ds_config[monitor].get("job_name", "autowu")}
+
+    # ---- data
+    paths, infos = prepare_data(args, run, out_dir)
+    num_classes = run.num_classes or num_classes_of(paths["train"])
+    train_config = type(data_config.train)(**{**data_config.train.__dict__, "batch_size": micro_batch})
+    checkpoint_dir = os.path.join(out_dir, "checkpoints")
+    start_epoch = 0
+    if args.resume:
+        latest = os.path.join(checkpoint_dir, "latest")
+        if not os.path.isfile(latest):
+            raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint_dir} (no 'latest' file)")
+    loader = train_loader(paths["train"], train_config, device=device, distributed=world > 1, seed=args.seed)
+    steps_per_epoch = len(loader) // accumulation
+    if steps_per_epoch < 1:
+        raise ValueError(f"{paths['train']}: {len(loader)} micro-batches a rank, fewer than one optimizer step of "
+                         f"{accumulation} accumulated micro-batches")
+    val = val_loader(paths["val"], data_config.val, device=device, distributed=world > 1)
+
+    # ---- model, optimizer, engine (AutoWU from the JSON)
+    from timm.optim import AdamP
+    torch.manual_seed(args.seed)
+    model = build_model(run, num_classes, device, world > 1)
+    opt = run.optimizer
+    optimizer = AdamP(model.parameters(), lr=1e-5, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay,
+                      delta=opt.delta, wd_ratio=opt.wd_ratio, nesterov=opt.nesterov)
+    engine, _, _, scheduler = autowu_ds.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                                   steps_per_epoch=steps_per_epoch, total_epochs=run.epochs)
+    dtype = next(engine.module.parameters()).dtype
+    if dtype != torch.float32 and device.type == "cpu":
+        for buffer in engine.module.buffers():  # CPU BatchNorm wants its running stats in the weights' dtype
+            if buffer.is_floating_point():
+                buffer.data = buffer.data.to(dtype)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=run.label_smoothing)
+    if args.resume:
+        _, client_state = engine.load_checkpoint(checkpoint_dir)
+        start_epoch = client_state["epoch"]
+        loader.next_epoch = start_epoch  # FFCV does not checkpoint its epoch: the same order as an unbroken run
+        log(f"resumed from {checkpoint_dir} at epoch {start_epoch} (step {engine.global_steps})")
+
+    json_log = JsonLog(os.path.join(out_dir, "log.jsonl"), rank == 0)
+    if rank == 0:
+        resolved = {"deepspeed": ds_config, "train": json.loads(json.dumps(run, default=lambda o: o.__dict__)),
+                    "data": data_config.to_dict(), "args": vars(args), "world_size": world,
+                    "gradient_accumulation_steps": accumulation, "steps_per_epoch": steps_per_epoch,
+                    "num_classes": num_classes, "betons": infos}
+        with open(os.path.join(out_dir, "run_config.json"), "w", encoding="utf-8") as f:
+            json.dump(resolved, f, indent=1, default=str)
+    log(f"{run.model} ({num_classes} classes) on {world} rank(s) ({device.type}, {dtype}); global batch "
+        f"{ds_config['train_batch_size']} = {micro_batch} x {world} x {accumulation}; {steps_per_epoch} steps an "
+        f"epoch, {run.epochs} epochs; {infos['train']['num_samples']} train / {infos['val']['num_samples']} val images")
+
+    # ---- train
+    from tqdm import tqdm
+    tests_logged = len(scheduler.history)
+    top1 = top5 = float("nan")
+    for epoch in range(start_epoch, run.epochs):
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{run.epochs}", disable=rank != 0,
+                   dynamic_ncols=True, file=sys.stdout)
+        loss_sum, loss_count, started, interval_start = None, 0, time.perf_counter(), time.perf_counter()
+        for micro_step, (images, labels) in enumerate(loader):
+            if micro_step >= steps_per_epoch * accumulation:
+                break
+            loss = criterion(engine(images.to(dtype)).float(), labels)
+            engine.backward(loss)
+            engine.step()
+            detached = loss.detach()
+            loss_sum = detached if loss_sum is None else loss_sum + detached  # stays on the device
+            loss_count += 1
+            if (micro_step + 1) % accumulation:
+                continue
+            bar.update()
+            step = engine.global_steps
+            if step % run.log_every == 0 or micro_step + 1 == steps_per_epoch * accumulation:
+                mean_loss = (loss_sum / loss_count).item()  # one host sync every log_every steps
+                rate = loss_count * micro_batch * world / (time.perf_counter() - interval_start)
+                lr = scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+                json_log.write(kind="train", step=step, epoch=step / steps_per_epoch, loss=mean_loss,
+                               lr=lr, images_per_s=rate)
+                engine.monitor.write_events([("Train/loss", mean_loss, step)]) if rank == 0 else None
+                loss_sum, loss_count, interval_start = None, 0, time.perf_counter()
+            for record in scheduler.history[tests_logged:]:  # each AutoWU test, as it happens
+                json_log.write(kind="autowu_test", **record)
+                if rank == 0:
+                    engine.monitor.write_events([
+                        (f"AutoWU/{k}", float(record[k]), record["step"])
+                        for k in ("probability", "votes", "argmin_lr", "passed", "switched")])
+                if record["switched"]:
+                    log(f"AutoWU switched at step {record['step']} (epoch {record['epoch']:.1f}): "
+                        f"peak LR {scheduler.peak_lr:.4g}" + (" (warmup cap)" if record["at_cap"] else ""))
+                    json_log.write(kind="autowu_switch", **scheduler.switch_curve,
+                                   peak_lr=scheduler.peak_lr, total_steps=scheduler.total_steps)
+            tests_logged = len(scheduler.history)
+        bar.close()
+
+        top1, top5, counted = evaluate(engine, val, infos["val"]["num_samples"], dtype)
+        epoch_seconds = time.perf_counter() - started
+        log(f"epoch {epoch + 1}: val top-1 {top1 * 100:.2f}% top-5 {top5 * 100:.2f}% ({counted} images), "
+            f"lr {scheduler.get_last_lr()[0]:.3g}, phase {scheduler.phase}, {epoch_seconds:.1f} s")
+        json_log.write(kind="val", epoch=epoch + 1, step=engine.global_steps, top1=top1, top5=top5,
+                       images=counted, seconds=epoch_seconds)
+        if rank == 0:
+            engine.monitor.write_events([("Val/top1", top1, engine.global_steps),
+                                         ("Val/top5", top5, engine.global_steps)])
+        last = epoch + 1 == run.epochs
+        stopping = args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch
+        if last or stopping or (epoch + 1) % run.checkpoint_every == 0:
+            engine.save_checkpoint(checkpoint_dir, tag=f"epoch{epoch + 1}", client_state={"epoch": epoch + 1})
+        if stopping and not last:
+            log(f"stopping after epoch {epoch + 1} as asked; continue with --resume")
+            break
+
+    if rank == 0 and scheduler.switch_step is None and not args.stop_after_epoch:
+        log("AutoWU did not switch during this run")
+    log(f"final: top-1 {top1 * 100:.2f}% top-5 {top5 * 100:.2f}%; AutoWU switch step {scheduler.switch_step}, "
+        f"peak LR {scheduler.peak_lr}; run directory {out_dir}")
+    json_log.write(kind="final", top1=top1, top5=top5, switch_step=scheduler.switch_step, peak_lr=scheduler.peak_lr)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
