@@ -1,0 +1,89 @@
+"""The main job end to end: image folder -> betons -> 2-rank ZeRO-1 training -> AutoWU switch -> resume."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, run_deepspeed
+
+CONFIG = REPO / "ds_configs" / "cpu_digits.json"
+
+
+def read_log(run_dir):
+    with open(run_dir / "log.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def betons(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "write_betons.py"), "--digits",
+                           "--data_root", str(root / "folders"), "--out_dir", str(root / "betons"),
+                           "--config", str(REPO / "ffcv_configs" / "digits_cpu.json")],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train: 1438 images in 10 classes" in proc.stdout
+    return root / "betons"
+
+
+def test_train_switch_accuracy_and_resume(betons, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [REPO / "launch" / "train.py", "--deepspeed_config", CONFIG, "--data_dir", betons, "--out_dir", run_dir]
+    first = run_deepspeed(args + ["--stop_after_epoch", "16"])
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    assert "stopping after epoch 16" in first.stdout
+    records = read_log(run_dir)
+    switch = [r for r in records if r["kind"] == "autowu_switch"]
+    tests = [r for r in records if r["kind"] == "autowu_test"]
+    assert len(switch) == 1, "AutoWU did not switch within 16 of 30 epochs"
+    switch = switch[0]
+    steps_per_epoch = json.loads((run_dir / "run_config.json").read_text())["steps_per_epoch"]
+    assert [t["step"] for t in tests] == [steps_per_epoch * (i + 1) for i in range(len(tests))]
+    assert tests[-1]["switched"] and not tests[-1]["at_cap"]  # the GP test ended the warmup, not the cap
+    assert [t["passed"] for t in tests[-3:]] == [True, True, True]
+    assert 1e-5 < switch["peak_lr"] < tests[-1]["lr"]  # back down to the LR at the predicted minimum
+    assert (run_dir / "checkpoints" / "epoch16").is_dir()
+
+    second = run_deepspeed(args + ["--resume"])
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+    assert "resumed from" in second.stdout and "at epoch 16" in second.stdout
+    records = read_log(run_dir)
+    final = [r for r in records if r["kind"] == "final"][-1]
+    assert final["switch_step"] == switch["step"] and final["peak_lr"] == switch["peak_lr"]
+    assert final["top1"] > 0.8  # chance is 0.1
+    vals = [r for r in records if r["kind"] == "val"]
+    assert [v["epoch"] for v in vals] == list(range(1, 31))
+    # After the resume the LR continues the same cosine from the switch to 0 at the last step.
+    total = switch["total_steps"]
+    for r in (r for r in records if r["kind"] == "train" and r["step"] > 16 * steps_per_epoch):
+        expected = switch["peak_lr"] * 0.5 * (1 + math.cos(math.pi * (r["step"] - switch["step"]) /
+                                                          (total - switch["step"])))
+        assert r["lr"] == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert (run_dir / "monitor" / "cpu_digits" / "AutoWU_probability.csv").is_file()
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(run_dir / "monitor" / "cpu_digits"))
+
+    plot = subprocess.run([sys.executable, str(REPO / "launch" / "plot_run.py"), str(run_dir)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert plot.returncode == 0, plot.stderr[-2000:]
+    png = run_dir / "autowu.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def test_a_missing_beton_is_one_clear_error(tmp_path):
+    proc = run_deepspeed([REPO / "launch" / "train.py", "--deepspeed_config", CONFIG, "--data_dir", tmp_path,
+                          "--out_dir", tmp_path / "run"])
+    assert proc.returncode != 0
+    assert f"beton not found: {tmp_path}/train.beton" in proc.stdout + proc.stderr
+
+
+def test_a_malformed_hostfile_is_refused(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node-0 slots=four\n")
+    proc = subprocess.run([str(REPO / ".venv" / "bin" / "deepspeed") if (REPO / ".venv").exists() else "deepspeed",
+                           "--hostfile", str(hosts), str(REPO / "launch" / "train.py"),
+                           "--deepspeed_config", str(CONFIG)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "Hostfile contains a bad entry: node-0 slots=four" in proc.stderr

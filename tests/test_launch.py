@@ -1,0 +1,51 @@
+"""The launcher's configs and its checks of bad input, without starting a run."""
+import json
+
+import pytest
+import torch
+
+from autowu.run_config import RunSettings, resolve_batch, split_config
+from conftest import REPO
+
+PAPER_CONFIGS = ["resnet50_4k", "resnet50_16k", "efficientnet_b0_4k", "efficientnet_b0_16k"]
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_the_papers_settings(name):
+    ds_config, run = split_config(str(REPO / "ds_configs" / f"{name}.json"))
+    global_batch = 4096 if name.endswith("4k") else 16384
+    assert ds_config["train_batch_size"] == global_batch and ds_config["train_micro_batch_size_per_gpu"] == 256
+    assert ds_config["fp16"]["enabled"] and ds_config["zero_optimization"]["stage"] == 1
+    assert ds_config["scheduler"]["type"] == "AutoWU"
+    assert (run.optimizer.weight_decay, run.optimizer.delta, run.optimizer.wd_ratio) == (0.1, 0.1, 0.1)
+    effnet = name.startswith("efficientnet")
+    assert run.model == ("efficientnet_b0" if effnet else "resnet50")
+    assert (run.label_smoothing > 0) == effnet and run.sync_bn == effnet
+    # 16 GPUs x 256 = 4K: no accumulation at 4K, 4 steps of it at 16K; 8 GPUs accumulate twice as much.
+    assert resolve_batch(dict(ds_config), 16, name) == global_batch // 4096
+    assert resolve_batch(dict(ds_config), 8, name) == 2 * global_batch // 4096
+
+
+def test_batch_sizes_that_cannot_be_reached_are_one_clear_error():
+    ds_config, _ = split_config(str(REPO / "ds_configs" / "resnet50_4k.json"))
+    with pytest.raises(ValueError, match="train_batch_size 4096 is not a multiple of .* 256 x 3 ranks"):
+        resolve_batch(dict(ds_config), 3, "resnet50_4k.json")
+    with pytest.raises(ValueError, match="gradient_accumulation_steps 3 disagrees"):
+        resolve_batch({**ds_config, "gradient_accumulation_steps": 3}, 16, "resnet50_4k.json")
+
+
+def test_unknown_keys_and_models_are_refused(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train_batch_size": 64, "train": {"modle": "resnet50"}}))
+    with pytest.raises(ValueError, match="unknown keys in \"train\": \\['modle'\\]"):
+        split_config(str(bad))
+    with pytest.raises(ValueError, match="unknown keys in \"train.optimizer\""):
+        RunSettings.from_dict({"optimizer": {"lr": 0.1}}, "x.json")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_script", REPO / "launch" / "train.py")
+    train_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_script)
+    with pytest.raises(ValueError, match="unknown model 'resnet5O'"):
+        train_script.build_model(RunSettings(model="resnet5O"), 10, torch.device("cpu"), False)
+    model = train_script.build_model(RunSettings(model="test_efficientnet"), 7, torch.device("cpu"), False)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
