@@ -110,6 +110,19 @@ class GPTestResult:
     curve_std: np.ndarray              # its marginal standard deviation, averaged over the fits
     failed_fits: int = 0               # fits that hit a numerical failure and were redrawn
 
+    @classmethod
+    def from_fits(cls, fits, grid: np.ndarray, settings: GPTestSettings, failed_fits: int = 0) -> "GPTestResult":
+        """The result of the fits' predictions: ``(curve, Var(f_i - f_k), Var(f_i))`` on ``grid`` each."""
+        probabilities = tuple(past_minimum_probability(curve, diff_var, settings.diff_jitter)
+                              for curve, diff_var, _ in fits)
+        votes = sum(p > settings.confidence for p in probabilities)
+        nan_curve = np.full_like(grid, np.nan)
+        return cls(probabilities=probabilities, votes=votes, passed=votes > settings.num_fits / 2,
+                   argmin_x=tuple(float(grid[int(np.argmin(curve))]) for curve, _, _ in fits), grid=grid,
+                   curve_mean=np.mean([f[0] for f in fits], axis=0) if fits else nan_curve,
+                   curve_std=np.mean([np.sqrt(np.maximum(f[2], 0.0)) for f in fits], axis=0) if fits else nan_curve,
+                   failed_fits=failed_fits)
+
     @property
     def probability(self) -> float:
         """The median of the fits' probabilities: above the confidence exactly when the majority is."""
@@ -222,28 +235,16 @@ class PastMinimumTest:
         self._fit(fit_indices / num_losses, losses[fit_indices], hyper)
 
         noise, outputscale, mean = hyper.noise(s), hyper.outputscale(), float(hyper.raw[2])
-        probabilities, argmins, means, stds = [], [], [], []
-        failed = 0
-        while len(probabilities) < s.num_fits and failed < 2 * s.num_fits:
+        fits, failed = [], 0
+        while len(fits) < s.num_fits and failed < 2 * s.num_fits:
             indices = subsample(valid_indices, s.condition_points, generator)
             prediction = self._predict(indices / num_losses, losses[indices] - mean, noise, outputscale)
             if prediction is None:
                 failed += 1
                 continue
             curve, diff_var, marginal_var = prediction
-            curve = curve + mean
-            probabilities.append(past_minimum_probability(curve, diff_var, s.diff_jitter))
-            argmins.append(float(self.grid[int(np.argmin(curve))]))
-            means.append(curve)
-            stds.append(np.sqrt(np.maximum(marginal_var, 0.0)))
-
-        votes = sum(p > s.confidence for p in probabilities)
-        nan_curve = np.full_like(self.grid, np.nan)
-        result = GPTestResult(
-            probabilities=tuple(probabilities), votes=votes, passed=votes > s.num_fits / 2,
-            argmin_x=tuple(argmins), grid=self.grid,
-            curve_mean=np.mean(means, axis=0) if means else nan_curve,
-            curve_std=np.mean(stds, axis=0) if stds else nan_curve, failed_fits=failed)
+            fits.append((curve + mean, diff_var, marginal_var))
+        result = GPTestResult.from_fits(fits, self.grid, s, failed)
         return result, hyper
 
     def _fit(self, x: np.ndarray, y: np.ndarray, hyper: GPHyperparameters) -> None:

@@ -13,7 +13,7 @@ import gpytorch
 import numpy as np
 import torch
 
-from .gp import (GPHyperparameters, GPTestResult, GPTestSettings, past_minimum_probability, subsample)
+from .gp import GPHyperparameters, GPTestResult, GPTestSettings, subsample
 
 
 class _ExactGP(gpytorch.models.ExactGP):
@@ -80,9 +80,9 @@ class GPyTorchPastMinimumTest:
             adam_step=int(optimizer.state[params[0]]["step"]))
 
         grid = torch.as_tensor(self.grid, dtype=dt)
-        probabilities, argmins, means, stds, failed = [], [], [], [], 0
+        fits, failed = [], 0
         model.eval()
-        while len(probabilities) < s.num_fits and failed < 2 * s.num_fits:
+        while len(fits) < s.num_fits and failed < 2 * s.num_fits:
             condition(s.condition_points)
             try:
                 with torch.no_grad():
@@ -91,16 +91,6 @@ class GPyTorchPastMinimumTest:
             except gpytorch.utils.errors.NotPSDError:
                 failed += 1
                 continue
-            diff_var = np.diag(cov) + cov[-1, -1] - 2 * cov[:, -1]
-            probabilities.append(past_minimum_probability(mean, diff_var, s.diff_jitter))
-            argmins.append(float(self.grid[int(np.argmin(mean))]))
-            means.append(mean)
-            stds.append(np.sqrt(np.maximum(np.diag(cov), 0.0)))
-        votes = sum(p > s.confidence for p in probabilities)
-        nan_curve = np.full_like(self.grid, np.nan)
-        result = GPTestResult(
-            probabilities=tuple(probabilities), votes=votes, passed=votes > s.num_fits / 2,
-            argmin_x=tuple(argmins), grid=self.grid,
-            curve_mean=np.mean(means, axis=0) if means else nan_curve,
-            curve_std=np.mean(stds, axis=0) if stds else nan_curve, failed_fits=failed)
+            fits.append((mean, np.diag(cov) + cov[-1, -1] - 2 * cov[:, -1], np.diag(cov)))
+        result = GPTestResult.from_fits(fits, self.grid, s, failed)
         return result, new_hyper
