@@ -212,3 +212,22 @@ def test_shipped_configs_load():
     assert (imagenet.write.write_mode, imagenet.write.max_resolution, imagenet.write.compress_probability,
             imagenet.write.jpeg_quality) == ("proportion", 500, 0.5, 90)
     assert imagenet.train.lighting_alphastd == 0.1 and imagenet.val.crop_ratio == 224 / 256
+
+
+def test_fast_resize_is_opencvs_linear_under_2x_and_area_beyond():
+    import cv2
+    from ffcv.pipeline.compiler import Compiler
+
+    from autowu.data.decoders import HAVE_FAST_RESIZE, fast_resize_crop
+    assert HAVE_FAST_RESIZE  # setup.py builds it against the OpenCV that scripts/setup.sh installs
+    rng = np.random.default_rng(4)
+    source = np.asarray(Image.fromarray(rng.integers(0, 256, (25, 25, 3), dtype=np.uint8)).resize(
+        (400, 400), Image.BICUBIC))
+    compiled = Compiler.compile(fast_resize_crop)
+    for (top, bottom, left, right), interpolation in [((0, 300, 20, 320), cv2.INTER_LINEAR),
+                                                      ((10, 190, 0, 180), cv2.INTER_LINEAR),
+                                                      ((0, 400, 0, 400), cv2.INTER_AREA)]:
+        out = np.empty((176, 176, 3), np.uint8)
+        compiled(source, top, bottom, left, right, out)
+        expected = cv2.resize(source[top:bottom, left:right], (176, 176), interpolation=interpolation)
+        assert np.abs(out.astype(int) - expected).max() <= 2  # the system OpenCV and the wheel's may round apart

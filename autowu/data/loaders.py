@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .config import TrainLoaderConfig, ValLoaderConfig
+from .decoders import FastRandomResizedCropDecoder
 from .lighting import FlipLightingNormalize, Lighting
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406]) * 255
@@ -85,7 +86,6 @@ def train_loader(path: str, config: TrainLoaderConfig, device="cpu", distributed
                  indices=None):
     """The training loader. ``epoch`` sets where the sample order starts (a resumed run passes its epoch;
     FFCV does not checkpoint it)."""
-    from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
 
@@ -96,7 +96,7 @@ def train_loader(path: str, config: TrainLoaderConfig, device="cpu", distributed
     if config.order == "quasi_random" and distributed:
         raise ValueError("train.order quasi_random does not work with distributed loading in FFCV 1.0.2; "
                          "use random")
-    image = [RandomResizedCropRGBImageDecoder((config.resolution, config.resolution), scale=tuple(config.scale),
+    image = [FastRandomResizedCropDecoder((config.resolution, config.resolution), scale=tuple(config.scale),
                                               ratio=tuple(config.ratio))]
     if device.type == "cuda" or dtype not in (None, np.float32):
         if config.flip:
