@@ -21,6 +21,12 @@ IMAGENET_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
                             [-0.5836, -0.6948, 0.4203]])
 
 
+def _require_decoded_images(operation: Operation, state: State) -> None:
+    if state.dtype != np.uint8 or len(state.shape) != 3:
+        raise ValueError(f"{type(operation).__name__} expects uint8 HWC images from a decoder, got {state.dtype} "
+                         f"{state.shape}: put it before ToTensor and normalisation")
+
+
 def lighting_offsets(alphas: np.ndarray, eigval: np.ndarray = IMAGENET_EIGVAL,
                      eigvec: np.ndarray = IMAGENET_EIGVEC) -> np.ndarray:
     """Per-image RGB offsets in uint8 units from per-image ``alphas`` (n x 3)."""
@@ -80,9 +86,7 @@ class Lighting(Operation):
         return lighting
 
     def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Optional[AllocationQuery]]:
-        if previous_state.dtype != np.uint8 or len(previous_state.shape) != 3:
-            raise ValueError(f"Lighting expects uint8 HWC images from a decoder, got {previous_state.dtype} "
-                             f"{previous_state.shape}: put it before ToTensor and normalisation")
+        _require_decoded_images(self, previous_state)
         return replace(previous_state, jit_mode=True), AllocationQuery(previous_state.shape, previous_state.dtype)
 
 
@@ -154,8 +158,6 @@ class FlipLightingNormalize(Operation):
         return flip_lighting_normalize
 
     def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Optional[AllocationQuery]]:
-        if previous_state.dtype != np.uint8 or len(previous_state.shape) != 3:
-            raise ValueError(f"FlipLightingNormalize expects uint8 HWC images from a decoder, got "
-                             f"{previous_state.dtype} {previous_state.shape}")
+        _require_decoded_images(self, previous_state)
         new_state = replace(previous_state, jit_mode=True, dtype=np.dtype(np.float32))
         return new_state, AllocationQuery(previous_state.shape, np.dtype(np.float32))
