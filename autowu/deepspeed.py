@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
-import json
 import math
 import os
 from typing import Any, Dict, Optional, Union
@@ -32,6 +31,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 import torch.distributed as dist
 
+from .jsonfile import read_json
 from .scheduler import AutoWU
 
 SCHEDULER_TYPE = "AutoWU"
@@ -42,14 +42,7 @@ def load_config(config: Union[str, os.PathLike, Dict[str, Any]]) -> Dict[str, An
     """A DeepSpeed config as a dict, from a dict or a JSON file, with a clear error for a bad file."""
     if isinstance(config, dict):
         return copy.deepcopy(config)
-    path = os.fspath(config)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"DeepSpeed config not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"DeepSpeed config {path} is not valid JSON: {err}") from None
+    return read_json(config, "DeepSpeed config")
 
 
 def autowu_params(config: Dict[str, Any], **overrides) -> Optional[Dict[str, Any]]:
@@ -113,7 +106,7 @@ class AutoWULossHook:
             # fp16 overflow: the engine skipped the scheduler, but the step consumed its data. Its loss (from
             # the forward pass, which did not overflow) is as real as any other.
             if self.scheduler.pending_loss is None:
-                self.scheduler.pending_loss = torch.tensor(math.nan)
+                self.scheduler.pending_loss = math.nan
             self.scheduler.step()
         self.scheduler.pending_loss = None
         return result

@@ -92,7 +92,7 @@ def main():
     med_c, med_a = statistics.median(t_constant), statistics.median(t_auto)
 
     # The hook's and scheduler's own work per step, on the real objects, without the engine around them.
-    hook, sched = auto.autowu_hook, auto.lr_scheduler
+    sched = auto.lr_scheduler
     loss = torch.tensor(2.3)
     n = 20000
     saved_step = sched.last_step

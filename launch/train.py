@@ -13,6 +13,7 @@ The JSON holds DeepSpeed's settings (batch sizes, fp16, ZeRO-1, ``"scheduler": {
 checkpoints; ``--resume`` continues from the latest one. ``launch/plot_run.py <out_dir>`` draws the run.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -151,9 +152,9 @@ def main(argv=None):
     # ---- config: DeepSpeed's part, the run's part, the data's
     ds_config, run = split_config(args.deepspeed_config)
     if args.model:
-        run = type(run)(**{**run.__dict__, "model": args.model})
+        run = dataclasses.replace(run, model=args.model)
     if args.epochs:
-        run = type(run)(**{**run.__dict__, "epochs": args.epochs})
+        run = dataclasses.replace(run, epochs=args.epochs)
     accumulation = resolve_batch(ds_config, world, args.deepspeed_config)
     data_config = DataConfig.from_json(os.path.join(REPO, run.data_config))
     micro_batch = ds_config["train_micro_batch_size_per_gpu"]
@@ -167,7 +168,7 @@ def main(argv=None):
     # ---- data
     paths, infos = prepare_data(args, run, out_dir)
     num_classes = run.num_classes or num_classes_of(paths["train"])
-    train_config = type(data_config.train)(**{**data_config.train.__dict__, "batch_size": micro_batch})
+    train_config = dataclasses.replace(data_config.train, batch_size=micro_batch)
     checkpoint_dir = os.path.join(out_dir, "checkpoints")
     start_epoch = 0
     if args.resume:

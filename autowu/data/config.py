@@ -6,10 +6,10 @@ never be silently ignored.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Tuple, Type, TypeVar
+
+from ..jsonfile import read_json
 
 T = TypeVar("T")
 
@@ -85,13 +85,7 @@ class DataConfig:
 
     @classmethod
     def from_json(cls, path: str) -> "DataConfig":
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"data config not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            try:
-                raw = json.load(f)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"data config {path} is not valid JSON: {err}") from None
+        raw = read_json(path, "data config")
         return cls.from_dict(raw, source=path)
 
     def to_dict(self) -> Dict[str, Any]:

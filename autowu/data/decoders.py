@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder, get_random_crop
-from ffcv.libffcv import imdecode, resize_crop
+from ffcv.libffcv import imdecode
 from ffcv.pipeline.compiler import Compiler
 
 

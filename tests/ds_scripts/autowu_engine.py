@@ -9,9 +9,7 @@ import argparse
 import json
 import math
 import os
-import sys
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from sklearn.datasets import load_digits
