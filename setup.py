@@ -38,7 +38,9 @@ setup(
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",  # timm needs it
-        "deepspeed>=0.14,<0.20",
+        # 0.19.2 is the first that casts only parameters to fp16 (engine._cast_module_mixed_precision);
+        # before it, module.half() made BatchNorm's running statistics fp16 (SyncBatchNorm: inf, then NaN).
+        "deepspeed>=0.19.2,<0.20",
         "ffcv>=1.0.2,<1.1",
         "timm>=0.9",
         "gpytorch>=1.11",

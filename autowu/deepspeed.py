@@ -18,6 +18,13 @@ hands it to the scheduler, which buffers it there. At each epoch's end the sched
 over data-parallel ranks) of the losses buffered since its last test, runs the GP test, and takes rank 0's
 decision by a broadcast, so every rank switches at the same step with the same LR. On an fp16 overflow the
 engine skips the scheduler's step; the hook steps it anyway, so the schedule stays aligned with the data.
+
+The paper's optimizer comes from the config too: ``"optimizer": {"type": "AdamP", "params": {...}}`` builds
+``autowu.adamp.ZeroAdamP`` and declares ZeRO-1/2's flat partitions to it, so that AdamP's projection and
+``wd_ratio`` run on every parameter (timm's AdamP under ZeRO silently runs Adam: it sees one 1-D tensor). A
+layer-wise timm optimizer handed over as a client optimizer under ZeRO, and AdamP with ZeRO-3, are refused.
+With AutoWU under fp16, the dynamic loss scaler no longer ends the run at its minimum scale: a warmup that
+overflows step after step is AutoWU's signal, and those steps are skipped and their losses still recorded.
 """
 from __future__ import annotations
 
@@ -31,11 +38,17 @@ from typing import Any, Dict, Optional, Union
 import torch
 import torch.distributed as dist
 
+from .adamp import ZeroAdamP, zero_partition_layouts
 from .jsonfile import read_json
 from .scheduler import AutoWU
 
 SCHEDULER_TYPE = "AutoWU"
+OPTIMIZER_TYPE = "AdamP"
 _AUTOWU_PARAMS = set(inspect.signature(AutoWU.__init__).parameters) - {"self", "optimizer"}
+_ADAMP_PARAMS = set(inspect.signature(ZeroAdamP.__init__).parameters) - {"self", "params"}
+# timm optimizers whose update depends on each parameter's shape: on ZeRO's flat 1-D partitions they silently
+# become something else (AdamP/SGDP lose the projection, LAMB/LARS the trust ratio, Adafactor its factoring).
+_SHAPE_DEPENDENT_TIMM_OPTIMIZERS = ("AdamP", "SGDP", "Lamb", "Lars", "Adafactor", "AdafactorBigVision")
 
 
 def load_config(config: Union[str, os.PathLike, Dict[str, Any]]) -> Dict[str, Any]:
@@ -64,6 +77,68 @@ def autowu_params(config: Dict[str, Any], **overrides) -> Optional[Dict[str, Any
         raise ValueError(f"scheduler AutoWU needs {missing}: put them in the config's scheduler params or "
                          "pass them to autowu.deepspeed.initialize")
     return params
+
+
+def zero_stage(config: Dict[str, Any]) -> int:
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def _half_precision(config: Dict[str, Any]) -> bool:
+    return any(config.get(key, {}).get("enabled", False) for key in ("fp16", "bf16", "bfloat16"))
+
+
+def adamp_params(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """ZeroAdamP's keyword arguments from the config's optimizer block, or None if it names another optimizer.
+
+    Refuses, with one error each, unknown params and the set-ups where AdamP cannot run as AdamP.
+    """
+    block = config.get("optimizer")
+    if not block or str(block.get("type", "")).lower() != OPTIMIZER_TYPE.lower():
+        return None
+    params = dict(block.get("params", {}))
+    unknown = sorted(set(params) - _ADAMP_PARAMS)
+    if unknown:
+        raise ValueError(f"optimizer AdamP: unknown params {unknown}; known: {sorted(_ADAMP_PARAMS)}")
+    if "betas" in params:
+        params["betas"] = tuple(params["betas"])
+    stage = zero_stage(config)
+    if stage not in (0, 1, 2):
+        raise ValueError(f"optimizer AdamP with ZeRO stage {stage}: not supported (its projection needs each "
+                         "parameter's channels, which autowu maps for ZeRO's flat partitions of stage 1 and 2 "
+                         "only); use \"zero_optimization\": {\"stage\": 1} or 2")
+    if stage == 0 and _half_precision(config):
+        raise ValueError("optimizer AdamP with fp16/bf16 needs ZeRO stage 1 or 2: without ZeRO, DeepSpeed's "
+                         "fp16 optimizer flattens the parameters in a way autowu does not map")
+    return params
+
+
+def _refuse_shape_dependent_client_optimizer(optimizer, config: Dict[str, Any]) -> None:
+    cls = type(optimizer)
+    flattened = zero_stage(config) > 0 or _half_precision(config)
+    if flattened and cls.__module__.startswith("timm.") and cls.__name__ in _SHAPE_DEPENDENT_TIMM_OPTIMIZERS:
+        raise ValueError(
+            f"timm's {cls.__name__} under DeepSpeed's ZeRO/fp16 optimizer sees flat 1-D partitions and silently "
+            f"drops its per-parameter logic; for AdamP put \"optimizer\": {{\"type\": \"AdamP\", "
+            "\"params\": {...}} in the config (autowu's ZeRO-aware AdamP) and pass no optimizer")
+
+
+def _declare_zero_partitions(engine, optimizer: ZeroAdamP) -> None:
+    """Tell ZeroAdamP which parameters ZeRO's flat partitions hold; refuse anything it cannot map."""
+    zero_optimizer = engine.optimizer
+    if hasattr(zero_optimizer, "single_partition_of_fp32_groups"):  # ZeRO stage 1 and 2
+        for partition, layout, group in zero_partition_layouts(zero_optimizer):
+            optimizer.set_layout(partition, layout, group)
+    optimizer.check_layouts()
+
+
+def _keep_fp16_alive_at_min_scale(engine) -> None:
+    """DeepSpeed's dynamic loss scaler raises once it must go below ``min_loss_scale``. During AutoWU's warmup
+    a stretch of overflowing steps is the rising loss the next test must see; keep skipping those steps at
+    the minimum scale instead of ending the run (the scale grows back after ``loss_scale_window`` good steps).
+    """
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if scaler is not None and hasattr(scaler, "raise_error_at_min_scale"):
+        scaler.raise_error_at_min_scale = False
 
 
 class AutoWULossHook:
@@ -145,7 +220,8 @@ class _BroadcastFromFirstRank:
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, config=None,
                steps_per_epoch: Optional[int] = None, total_epochs: Optional[int] = None, **kwargs):
-    """``deepspeed.initialize`` that understands ``"scheduler": {"type": "AutoWU", ...}``.
+    """``deepspeed.initialize`` that understands ``"scheduler": {"type": "AutoWU", ...}`` and
+    ``"optimizer": {"type": "AdamP", ...}`` (then pass ``model`` or ``model_parameters``, no ``optimizer``).
 
     The config comes from ``config`` or ``args.deepspeed_config``. Returns DeepSpeed's
     ``(engine, optimizer, training_dataloader, lr_scheduler)``; with AutoWU, the hook is installed on the
@@ -165,8 +241,26 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
             raise ValueError("the config selects AutoWU and an lr_scheduler was passed too: choose one")
         del config["scheduler"]
         kwargs["lr_scheduler"] = lambda basic_optimizer: AutoWU(basic_optimizer, **params)
+    optimizer_params = adamp_params(config)
+    if optimizer_params is not None:
+        if optimizer is not None:
+            raise ValueError("the config's optimizer block selects AdamP and an optimizer was passed too: choose one")
+        if model_parameters is None and model is None:
+            raise ValueError("optimizer AdamP needs the model or model_parameters")
+        del config["optimizer"]
+        optimizer = ZeroAdamP(model_parameters if model_parameters is not None else model.parameters(),
+                              **optimizer_params)
+        model_parameters = None
+        # DeepSpeed asks for this flag for any client optimizer under ZeRO; this one is mapped and tested.
+        config["zero_allow_untested_optimizer"] = True
+    elif isinstance(optimizer, torch.optim.Optimizer):
+        _refuse_shape_dependent_client_optimizer(optimizer, config)
     engine, engine_optimizer, loader, scheduler = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, config=config, **kwargs)
+    if isinstance(optimizer, ZeroAdamP):
+        _declare_zero_partitions(engine, optimizer)
     if isinstance(scheduler, AutoWU):
         engine.autowu_hook = AutoWULossHook(engine, scheduler)
+        if engine.fp16_enabled():
+            _keep_fp16_alive_at_min_scale(engine)
     return engine, engine_optimizer, loader, scheduler

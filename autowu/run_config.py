@@ -1,27 +1,17 @@
 """The run settings of ``launch/train.py``: the ``"train"`` block of a DeepSpeed JSON config in ``ds_configs/``.
 
-DeepSpeed's own keys (batch sizes, fp16, ZeRO, the scheduler block) stay where DeepSpeed reads them; what
-DeepSpeed has no place for (the model, the epochs, the data, the paper's AdamP settings) lives in ``"train"``,
-which the launcher takes out before handing the rest to DeepSpeed. Unknown keys raise.
+DeepSpeed's own keys (batch sizes, fp16, ZeRO, the optimizer and scheduler blocks) stay where DeepSpeed users
+look for them; what DeepSpeed has no place for (the model, the epochs, the data) lives in ``"train"``, which the
+launcher takes out before handing the rest to ``autowu.deepspeed.initialize``. Each setting lives in one place;
+unknown keys raise.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 from .deepspeed import load_config
-
-
-@dataclass(frozen=True)
-class AdamPSettings:
-    """timm's AdamP with the paper's settings. The LR is AutoWU's to set."""
-    betas: Tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    delta: float = 0.1
-    wd_ratio: float = 0.1
-    nesterov: bool = False
 
 
 @dataclass(frozen=True)
@@ -36,7 +26,6 @@ class RunSettings:
     default_data: Optional[str] = None          # "digits": build the embedded dataset when no data is given
     checkpoint_every: int = 5                   # epochs; and always at the end
     log_every: int = 20                         # steps between progress/log readings of the loss
-    optimizer: AdamPSettings = field(default_factory=AdamPSettings)
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -51,27 +40,22 @@ class RunSettings:
     @classmethod
     def from_dict(cls, raw: Dict[str, Any], source: str) -> "RunSettings":
         known = {f.name for f in dataclasses.fields(cls)}
+        if "optimizer" in raw:
+            raise ValueError(f"{source}: \"train.optimizer\" has moved to the config's top-level \"optimizer\" "
+                             "block, where DeepSpeed reads it: {\"type\": \"AdamP\", \"params\": {...}}")
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"{source}: unknown keys in \"train\": {unknown}; known: {sorted(known)}")
-        values = dict(raw)
-        if "optimizer" in values:
-            opt_known = {f.name for f in dataclasses.fields(AdamPSettings)}
-            opt_unknown = sorted(set(values["optimizer"]) - opt_known)
-            if opt_unknown:
-                raise ValueError(f"{source}: unknown keys in \"train.optimizer\": {opt_unknown}; "
-                                 f"known: {sorted(opt_known)}")
-            opt = dict(values["optimizer"])
-            if "betas" in opt:
-                opt["betas"] = tuple(opt["betas"])
-            values["optimizer"] = AdamPSettings(**opt)
-        return cls(**values)
+        return cls(**raw)
 
 
 def split_config(path: str) -> Tuple[Dict[str, Any], RunSettings]:
     """A ``ds_configs/`` file -> (DeepSpeed's part, the run settings)."""
     config = load_config(path)
     run = RunSettings.from_dict(config.pop("train", {}), source=path)
+    if "optimizer" not in config:
+        raise ValueError(f"{path}: needs an \"optimizer\" block, e.g. the paper's {{\"type\": \"AdamP\", \"params\": "
+                         "{\"weight_decay\": 0.1, \"delta\": 0.1, \"wd_ratio\": 0.1}} (AutoWU sets the LR)")
     return config, run
 
 

@@ -6,8 +6,8 @@
     # the embedded default: scikit-learn's digits, 2 CPU ranks, a minute or two
     deepspeed --num_gpus 2 launch/train.py --deepspeed_config ds_configs/cpu_digits.json
 
-The JSON holds DeepSpeed's settings (batch sizes, fp16, ZeRO-1, ``"scheduler": {"type": "AutoWU"}``) and a
-``"train"`` block (model, epochs, data config, AdamP settings; ``autowu/run_config.py``). ``--data_dir`` holds
+The JSON holds DeepSpeed's settings (batch sizes, fp16, ZeRO-1, ``"optimizer": {"type": "AdamP"}``,
+``"scheduler": {"type": "AutoWU"}``) and a ``"train"`` block (model, epochs, data config; ``autowu/run_config.py``). ``--data_dir`` holds
 ``train.beton`` and ``val.beton`` (``launch/write_betons.py``). The run directory gets the resolved config,
 ``log.jsonl`` (losses, LRs, every AutoWU test, validation), DeepSpeed's TensorBoard and CSV monitors, and
 checkpoints; ``--resume`` continues from the latest one. ``launch/plot_run.py <out_dir>`` draws the run.
@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import deepspeed  # noqa: E402
 
 import autowu.deepspeed as autowu_ds  # noqa: E402
+from autowu.batchnorm import batchnorm_statistics, convert_sync_batchnorm, sync_batchnorm_statistics  # noqa: E402
 from autowu.data import DataConfig, beton_info, train_loader, val_loader, write_betons  # noqa: E402
 from autowu.data.digits import build_digits_folder  # noqa: E402
 from autowu.run_config import resolve_batch, split_config  # noqa: E402
@@ -106,14 +107,34 @@ def build_model(run, num_classes, device, distributed):
         close = timm.list_models(f"*{run.model.split('_')[0]}*")[:8]
         raise ValueError(f"unknown model {run.model!r} (timm); similar names: {close}") from None
     if run.sync_bn and distributed:
-        if device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:
-            log("sync_bn: SyncBatchNorm needs GPUs; keeping per-rank BatchNorm on CPU")
+        if device.type != "cuda":
+            raise ValueError("train.sync_bn: torch's SyncBatchNorm runs on GPUs only; set it false for a CPU run "
+                             "(each rank then normalises its own batch, and the running statistics are averaged "
+                             "before every evaluation and checkpoint)")
+        model = convert_sync_batchnorm(model)  # timm's: keeps BatchNormAct2d's activation
     model = model.to(device)
     if run.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def describe_recipe(engine, ds_config, device):
+    """What actually runs, read from the engine (not the config): for the log and run_config.json."""
+    from timm.layers import SyncBatchNormAct
+    basic = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    modules = list(engine.module.modules())
+    sync = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in modules)
+    norm = (f"SyncBatchNorm in {sync} layers ({sum(isinstance(m, SyncBatchNormAct) for m in modules)} with their "
+            "activation, timm's)" if sync else "per-rank BatchNorm, running statistics averaged over ranks "
+            "before each evaluation and checkpoint")
+    return {"optimizer": f"{type(basic).__module__}.{type(basic).__name__}",
+            "zero_stage": autowu_ds.zero_stage(ds_config),
+            "precision": str(next(engine.module.parameters()).dtype).replace("torch.", ""),
+            "batchnorm": norm, "device": device.type,
+            "fp16_loss_scaler": ("dynamic, skips overflowing steps at its minimum scale instead of ending the run"
+                                 if engine.fp16_enabled() and not getattr(engine.optimizer.loss_scaler,
+                                                                          "raise_error_at_min_scale", True)
+                                 else "DeepSpeed's" if engine.fp16_enabled() else "none (fp32/bf16)")}
 
 
 def evaluate(engine, loader, num_samples, dtype):
@@ -168,6 +189,10 @@ def main(argv=None):
     # ---- data
     paths, infos = prepare_data(args, run, out_dir)
     num_classes = run.num_classes or num_classes_of(paths["train"])
+    if data_config.train.batch_size not in (None, micro_batch):
+        raise ValueError(f"{run.data_config}: train.batch_size {data_config.train.batch_size} disagrees with "
+                         f"{args.deepspeed_config}'s train_micro_batch_size_per_gpu {micro_batch}; remove it from "
+                         "the data config (the DeepSpeed config sets the per-rank batch)")
     train_config = dataclasses.replace(data_config.train, batch_size=micro_batch)
     checkpoint_dir = os.path.join(out_dir, "checkpoints")
     start_epoch = 0
@@ -182,20 +207,24 @@ def main(argv=None):
                          f"{accumulation} accumulated micro-batches")
     val = val_loader(paths["val"], data_config.val, device=device, distributed=world > 1)
 
-    # ---- model, optimizer, engine (AutoWU from the JSON)
-    from timm.optim import AdamP
+    # ---- model, engine: the optimizer (AdamP, ZeRO-aware) and AutoWU from the JSON
     torch.manual_seed(args.seed)
     model = build_model(run, num_classes, device, world > 1)
-    opt = run.optimizer
-    optimizer = AdamP(model.parameters(), lr=1e-5, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay,
-                      delta=opt.delta, wd_ratio=opt.wd_ratio, nesterov=opt.nesterov)
-    engine, _, _, scheduler = autowu_ds.initialize(model=model, optimizer=optimizer, config=ds_config,
+    engine, _, _, scheduler = autowu_ds.initialize(model=model, config=ds_config,
                                                    steps_per_epoch=steps_per_epoch, total_epochs=run.epochs)
     dtype = next(engine.module.parameters()).dtype
+    half_statistics = [b for b in batchnorm_statistics(engine.module) if b.dtype != torch.float32]
+    if half_statistics:
+        # DeepSpeed before 0.19.2 (module.half()) or a "buffer_dtype" setting: SyncBatchNorm would count the
+        # rank's 3.2M elements a channel in fp16 (inf, then NaN) and running statistics would lose precision.
+        raise ValueError(f"{len(half_statistics)} BatchNorm statistics are {half_statistics[0].dtype} after "
+                         f"DeepSpeed's initialize (DeepSpeed {deepspeed.__version__}); they must stay fp32: use "
+                         "DeepSpeed >= 0.19.2 and no buffer_dtype in the config")
     if dtype != torch.float32 and device.type == "cpu":
         for buffer in engine.module.buffers():  # CPU BatchNorm wants its running stats in the weights' dtype
             if buffer.is_floating_point():
                 buffer.data = buffer.data.to(dtype)
+    recipe = describe_recipe(engine, ds_config, device)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=run.label_smoothing)
     if args.resume:
         _, client_state = engine.load_checkpoint(checkpoint_dir)
@@ -208,12 +237,13 @@ def main(argv=None):
         resolved = {"deepspeed": ds_config, "train": json.loads(json.dumps(run, default=lambda o: o.__dict__)),
                     "data": data_config.to_dict(), "args": vars(args), "world_size": world,
                     "gradient_accumulation_steps": accumulation, "steps_per_epoch": steps_per_epoch,
-                    "num_classes": num_classes, "betons": infos}
+                    "num_classes": num_classes, "betons": infos, "recipe": recipe}
         with open(os.path.join(out_dir, "run_config.json"), "w", encoding="utf-8") as f:
             json.dump(resolved, f, indent=1, default=str)
     log(f"{run.model} ({num_classes} classes) on {world} rank(s) ({device.type}, {dtype}); global batch "
         f"{ds_config['train_batch_size']} = {micro_batch} x {world} x {accumulation}; {steps_per_epoch} steps an "
         f"epoch, {run.epochs} epochs; {infos['train']['num_samples']} train / {infos['val']['num_samples']} val images")
+    log("recipe: " + "; ".join(f"{k} {v}" for k, v in recipe.items()))
 
     # ---- train
     from tqdm import tqdm
@@ -259,6 +289,9 @@ def main(argv=None):
             tests_logged = len(scheduler.history)
         bar.close()
 
+        # One set of BatchNorm statistics (DeepSpeed never syncs buffers): what is evaluated, checkpointed and
+        # reported is the same model on every rank.
+        sync_batchnorm_statistics(engine.module)
         top1, top5, counted = evaluate(engine, val, infos["val"]["num_samples"], dtype)
         epoch_seconds = time.perf_counter() - started
         log(f"epoch {epoch + 1}: val top-1 {top1 * 100:.2f}% top-5 {top5 * 100:.2f}% ({counted} images), "

@@ -192,6 +192,8 @@ def test_bad_input_gets_one_clear_error(digits, tmp_path):
         train_loader(os.path.join(out, "train.beton"), TrainLoaderConfig(batch_size=4096))
     with pytest.raises(RuntimeError, match="process group"):
         train_loader(os.path.join(out, "train.beton"), TrainLoaderConfig(), distributed=True)
+    with pytest.raises(ValueError, match="train.batch_size is not set"):
+        train_loader(os.path.join(out, "train.beton"), TrainLoaderConfig())
     with pytest.raises(FileNotFoundError, match="image folder not found"):
         write_betons(str(tmp_path / "nowhere"), str(tmp_path / "o"), WRITE, progress=False)
     os.makedirs(tmp_path / "empty" / "train" / "cat")

@@ -52,6 +52,26 @@ def test_fp16_overflows_keep_the_schedule_aligned_with_the_data(tmp_path):
     assert ranks[0]["fp16"] == ranks[1]["fp16"] and ranks[0]["lrs"] == ranks[1]["lrs"]
 
 
+def test_a_diverging_fp16_warmup_is_skipped_and_seen_not_fatal(tmp_path):
+    ranks = launch("diverge", tmp_path)
+    for r in ranks:
+        # Stock DeepSpeed: 30 steps that overflow at any scale drive the dynamic scaler from 2^16 to its
+        # minimum and it raises, 17 steps into the stretch (steps 50-79).
+        assert "Current loss scale already at minimum" in r["stock_error"]
+        assert 50 < r["stock_died_at_step"] < 80
+        # Under AutoWU the same stretch is skipped at the minimum scale and the run goes on to the end.
+        run = r["diverge"]
+        assert r["skipped_steps"] >= 30 and r["global_steps"] == run["last_step"] == TOTAL_STEPS
+        assert r["final_loss_scale"] > 1  # the scale grew back after the stretch
+        # The tests saw the rise: the first test after the stretch began passed, and AutoWU switched by test
+        # at an LR before the stretch.
+        tests = {h["step"]: h for h in run["history"]}
+        assert tests[60]["passed"] and tests[60]["nonfinite"] == 0
+        assert run["switch_step"] <= 80 and run["final_lr"] == 0.0
+        assert run["peak_lr"] < as_int_keys(r["lrs"])[50]
+    assert ranks[0]["diverge"] == ranks[1]["diverge"]
+
+
 def test_a_builtin_deepspeed_scheduler_still_works(tmp_path):
     ranks = launch("builtin", tmp_path)
     assert ranks[0]["scheduler_type"] == "WarmupLR"

@@ -17,7 +17,10 @@ def test_the_papers_settings(name):
     assert ds_config["train_batch_size"] == global_batch and ds_config["train_micro_batch_size_per_gpu"] == 256
     assert ds_config["fp16"]["enabled"] and ds_config["zero_optimization"]["stage"] == 1
     assert ds_config["scheduler"]["type"] == "AutoWU"
-    assert (run.optimizer.weight_decay, run.optimizer.delta, run.optimizer.wd_ratio) == (0.1, 0.1, 0.1)
+    adamp = ds_config["optimizer"]
+    assert adamp["type"] == "AdamP" and "lr" not in adamp["params"]  # AutoWU sets the LR
+    assert {k: adamp["params"][k] for k in ("weight_decay", "delta", "wd_ratio", "betas", "nesterov")} == {
+        "weight_decay": 0.1, "delta": 0.1, "wd_ratio": 0.1, "betas": [0.9, 0.999], "nesterov": False}
     effnet = name.startswith("efficientnet")
     assert run.model == ("efficientnet_b0" if effnet else "resnet50")
     assert (run.label_smoothing > 0) == effnet and run.sync_bn == effnet
@@ -39,8 +42,12 @@ def test_unknown_keys_and_models_are_refused(tmp_path):
     bad.write_text(json.dumps({"train_batch_size": 64, "train": {"modle": "resnet50"}}))
     with pytest.raises(ValueError, match="unknown keys in \"train\": \\['modle'\\]"):
         split_config(str(bad))
-    with pytest.raises(ValueError, match="unknown keys in \"train.optimizer\""):
+    with pytest.raises(ValueError, match="\"train.optimizer\" has moved to the config's top-level"):
         RunSettings.from_dict({"optimizer": {"lr": 0.1}}, "x.json")
+    no_optimizer = tmp_path / "no_optimizer.json"
+    no_optimizer.write_text(json.dumps({"train_batch_size": 64, "train": {"model": "resnet50"}}))
+    with pytest.raises(ValueError, match="needs an \"optimizer\" block"):
+        split_config(str(no_optimizer))
     import importlib.util
     spec = importlib.util.spec_from_file_location("train_script", REPO / "launch" / "train.py")
     train_script = importlib.util.module_from_spec(spec)

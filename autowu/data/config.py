@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, Tuple, Type, TypeVar
+from typing import Any, Dict, Optional, Tuple, Type, TypeVar
 
 from ..jsonfile import read_json
 
@@ -34,7 +34,9 @@ class WriteConfig:
 @dataclass(frozen=True)
 class TrainLoaderConfig:
     resolution: int = 224
-    batch_size: int = 256               # per data-parallel rank
+    # Per data-parallel rank. The launcher takes it from DeepSpeed's train_micro_batch_size_per_gpu (one
+    # place for it); a data config that names a different one is refused there.
+    batch_size: Optional[int] = None
     num_workers: int = 12
     scale: Tuple[float, float] = (0.08, 1.0)   # random-resized-crop area range
     ratio: Tuple[float, float] = (3 / 4, 4 / 3)
@@ -47,7 +49,8 @@ class TrainLoaderConfig:
 
     def __post_init__(self):
         _check_range("train.resolution", self.resolution, 8, 4096)
-        _check_range("train.batch_size", self.batch_size, 1, 1 << 20)
+        if self.batch_size is not None:
+            _check_range("train.batch_size", self.batch_size, 1, 1 << 20)
         _check_range("train.lighting_alphastd", self.lighting_alphastd, 0.0, 10.0)
         _check_choice("train.order", self.order, ("random", "quasi_random"))
 

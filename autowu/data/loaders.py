@@ -92,6 +92,9 @@ def train_loader(path: str, config: TrainLoaderConfig, device="cpu", distributed
     device = torch.device(device)
     info = beton_info(path)
     world = _distributed_world(distributed)
+    if config.batch_size is None:
+        raise ValueError("train loader: train.batch_size is not set (the launcher sets it to DeepSpeed's "
+                         "train_micro_batch_size_per_gpu; set it yourself when using the loader on its own)")
     _check_batches(path, info, config.batch_size, world, config.drop_last)
     if config.order == "quasi_random" and distributed:
         raise ValueError("train.order quasi_random does not work with distributed loading in FFCV 1.0.2; "

@@ -1,9 +1,11 @@
 """Run by tests/test_deepspeed.py on 2 CPU ranks through the deepspeed launcher.
 
-A small MLP on scikit-learn's digits, AdamP (timm) under ZeRO-1, AutoWU from the JSON config via
-autowu.deepspeed.initialize. Each rank writes what it saw (LR per step, switch, history) as JSON.
-Modes: ``resume`` (fp32, gradient accumulation 2: a full run, then a run restored from a mid-warmup
-checkpoint), ``fp16`` (real fp16 engine with forced overflows), ``builtin`` (a DeepSpeed scheduler block).
+A small MLP on scikit-learn's digits, AdamP (the config's optimizer block: autowu's ZeRO-aware AdamP) under
+ZeRO-1, AutoWU from the JSON config via autowu.deepspeed.initialize. Each rank writes what it saw (LR per step,
+switch, history) as JSON. Modes: ``resume`` (fp32, gradient accumulation 2: a full run, then a run restored
+from a mid-warmup checkpoint), ``fp16`` (real fp16 engine with forced overflows), ``diverge`` (fp16, a stretch
+of 30 steps that overflow at any loss scale: stock DeepSpeed raises at the minimum scale, AutoWU's run goes
+on), ``builtin`` (a DeepSpeed scheduler block).
 """
 import argparse
 import json
@@ -16,12 +18,11 @@ from sklearn.datasets import load_digits
 
 import deepspeed
 from deepspeed.accelerator import get_accelerator
-from timm.optim import AdamP
 
 import autowu.deepspeed as autowu_ds
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--mode", choices=["resume", "fp16", "builtin"], required=True)
+parser.add_argument("--mode", choices=["resume", "fp16", "diverge", "builtin"], required=True)
 parser.add_argument("--out", required=True)
 parser.add_argument("--local_rank", type=int, default=0)
 args = parser.parse_args()
@@ -44,22 +45,27 @@ def micro_batch(global_micro_step):
     return features[idx], labels[idx]
 
 
-def build(fp16=False, scheduler_block=None):
+def build(fp16=False, scheduler_block=None, initialize=autowu_ds.initialize):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
-    optimizer = AdamP(model.parameters(), lr=1.0, delta=0.1, wd_ratio=0.1, weight_decay=0.1)
     config = {
         "train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": GAS,
-        "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": 1},
+        "optimizer": {"type": "AdamP", "params": {"lr": 1.0, "delta": 0.1, "wd_ratio": 0.1, "weight_decay": 0.1}},
         "scheduler": scheduler_block or {"type": "AutoWU", "params": {"immediate_cooldown": True}},
     }
     if fp16:
         config["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 50}
-    return autowu_ds.initialize(model=model, optimizer=optimizer, config=config,
-                                steps_per_epoch=STEPS_PER_EPOCH, total_epochs=EPOCHS)
+    if initialize is not autowu_ds.initialize:  # stock DeepSpeed: timm's AdamP is fine without projection here
+        from timm.optim import AdamP
+        config.pop("scheduler")
+        config.pop("optimizer")
+        config["zero_allow_untested_optimizer"] = True
+        return initialize(model=model, config=config, optimizer=AdamP(model.parameters(), lr=1e-3))
+    return initialize(model=model, config=config, steps_per_epoch=STEPS_PER_EPOCH, total_epochs=EPOCHS)
 
 
-def train(engine, scheduler, until, forced_overflows=(), on_step=None):
+def train(engine, scheduler, until, forced_overflows=(), on_step=None, diverging=()):
     lrs = {}
     while engine.global_steps < until:
         step = engine.global_steps
@@ -70,6 +76,9 @@ def train(engine, scheduler, until, forced_overflows=(), on_step=None):
             loss = torch.nn.functional.cross_entropy(out.float(), y)
             if step in forced_overflows:
                 loss = loss * math.inf  # inf gradients: the fp16 engine must skip this step
+            if step in diverging:
+                # A finite loss that rises step after step, whose gradients overflow fp16 at any loss scale.
+                loss = loss * 1e8 * (1 + step - min(diverging))
             engine.backward(loss)
             engine.step()
         if on_step:
@@ -107,6 +116,22 @@ elif args.mode == "fp16":
     result["skipped_steps"] = engine.skipped_steps
     result["global_steps"] = engine.global_steps
     result["dtype"] = str(next(engine.module.parameters()).dtype)
+elif args.mode == "diverge":
+    get_accelerator().is_fp16_supported = lambda: True
+    stretch = range(5 * STEPS_PER_EPOCH, 8 * STEPS_PER_EPOCH)  # epochs 6-8, during the warmup
+    engine, _, _, _ = build(fp16=True, initialize=deepspeed.initialize)
+    try:  # stock DeepSpeed: the scaler halves the scale at each overflow and raises at its minimum
+        train(engine, None, 8 * STEPS_PER_EPOCH, diverging=stretch)
+        result["stock_error"] = None
+    except Exception as err:  # noqa: BLE001  (DeepSpeed raises a bare Exception)
+        result["stock_error"] = str(err)
+        result["stock_died_at_step"] = engine.global_steps
+    engine, _, _, scheduler = build(fp16=True)
+    result["lrs"] = train(engine, scheduler, TOTAL_STEPS, diverging=stretch)
+    result["diverge"] = summary(scheduler)
+    result["skipped_steps"] = engine.skipped_steps
+    result["global_steps"] = engine.global_steps
+    result["final_loss_scale"] = engine.optimizer.loss_scaler.cur_scale
 else:
     block = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.01, "warmup_num_steps": 10}}
     engine, _, _, scheduler = build(scheduler_block=block)
@@ -116,3 +141,5 @@ else:
 with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
     json.dump(result, f)
 print(f"rank {rank} done", flush=True)
+dist.barrier()
+dist.destroy_process_group()

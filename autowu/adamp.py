@@ -1,0 +1,291 @@
+"""AdamP (Heo et al., 2021; timm's ``AdamP``) that stays AdamP when ZeRO hands it flat shards.
+
+ZeRO stage 1/2 gives the client optimizer one flat 1-D partition per param group, and partitions cut through
+parameters. timm's AdamP projects only tensors with ``len(p.shape) > 1``, so on a flat shard it silently runs
+Adam with full weight decay (DeepSpeed #88, #490). This optimizer is told once how each tensor it steps maps to
+parameters (``set_layout``; ``autowu.deepspeed`` does it from the ZeRO optimizer's own bookkeeping). Each step
+it then
+
+1. runs Adam's moment updates on the whole shard (elementwise, as timm does);
+2. computes, for every output channel of every parameter with two or more dimensions, four partial sums over
+   the elements it owns: grad.param, grad.grad, param.param and param.perturb (one ``index_add_`` each over the
+   whole shard, not one kernel per parameter);
+3. completes them with one all-reduce of that small vector (4 x the number of channels), so that a parameter
+   that straddles a partition boundary gets exactly the sums of the whole parameter;
+4. takes AdamP's decision on the device (channel view, else layer view: max |cosine| below
+   ``delta / sqrt(view size)``), with no host synchronisation, and applies the projection and ``wd_ratio`` to
+   the elements it owns.
+
+The layer view's sums are the sums of the channel sums, so the same four numbers a channel serve both views.
+Without a layout (no ZeRO), every tensor is taken as a whole parameter of its own shape: the same code path.
+Checked against ``timm.optim.AdamP`` in ``tests/test_adamp.py`` (1-3 ranks, boundaries through parameters).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch.optim.optimizer import Optimizer
+
+# The four per-channel sums, in this order, in the reduced buffer.
+_GRAD_PARAM, _GRAD_GRAD, _PARAM_PARAM, _PARAM_PERTURB = range(4)
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """Where a 1-D tensor sits among the parameters of a flat buffer.
+
+    ``shapes[j]`` and ``offsets[j]``: parameter ``j``'s shape and its first element in the flat buffer (gaps
+    between parameters are padding). The tensor holds elements ``[start, start + numel)`` of that buffer.
+    """
+    shapes: Tuple[Tuple[int, ...], ...]
+    offsets: Tuple[int, ...]
+    start: int
+    numel: int
+
+    @classmethod
+    def whole(cls, shape: Sequence[int]) -> "FlatLayout":
+        """A tensor that is one whole parameter."""
+        return cls((tuple(shape),), (0,), 0, math.prod(shape))
+
+    def __post_init__(self):
+        if len(self.shapes) != len(self.offsets):
+            raise ValueError("FlatLayout: one offset per shape")
+        end = 0
+        for shape, offset in zip(self.shapes, self.offsets):
+            if offset < end:
+                raise ValueError(f"FlatLayout: parameters overlap at offset {offset}")
+            end = offset + math.prod(shape)
+
+
+class _Segments:
+    """The device-side tables of one tensor's layout: which channel each element belongs to."""
+
+    def __init__(self, layout: FlatLayout, device: torch.device):
+        # Channels ("rows") of every projected parameter (2+ dims), over the whole flat buffer, numbered in
+        # parameter order; a shard holds a contiguous range of elements, hence of rows.
+        row_param, param_numels, param_rows = [], [], []
+        element_row = torch.full((layout.numel,), -1, dtype=torch.int64)
+        lo, hi = layout.start, layout.start + layout.numel
+        for shape, offset in zip(layout.shapes, layout.offsets):
+            if len(shape) < 2:
+                continue
+            numel, rows = math.prod(shape), shape[0]
+            row_size = numel // rows
+            first_row = len(row_param)
+            param_index = len(param_numels)
+            param_numels.append(numel)
+            param_rows.append(rows)
+            row_param.extend([param_index] * rows)
+            a, b = max(offset, lo), min(offset + numel, hi)
+            if a < b:  # the part of this parameter in the tensor
+                local = torch.arange(a - offset, b - offset, dtype=torch.int64) // row_size
+                element_row[a - lo:b - lo] = first_row + local
+        self.num_rows = len(row_param)
+        self.num_params = len(param_numels)
+        # Elements of 1-D parameters and padding point at one extra row whose coefficient is 0 and ratio 1.
+        element_row[element_row < 0] = self.num_rows
+        self.projects = bool((element_row < self.num_rows).any())
+        self.element_row = element_row.to(device=device, dtype=torch.int32)
+        self.row_param = torch.tensor(row_param, dtype=torch.int64, device=device)
+        self.inv_sqrt_row_size = torch.tensor([1 / math.sqrt(n // r) for n, r in zip(param_numels, param_rows)],
+                                              device=device)
+        self.inv_sqrt_param_numel = torch.tensor([1 / math.sqrt(n) for n in param_numels], device=device)
+
+
+class ZeroAdamP(Optimizer):
+    """timm's AdamP, step for step, on whole parameters or on ZeRO's flat partitions.
+
+    Args are timm's (``caution`` is not supported). Call ``set_layout(tensor, layout, process_group)`` for
+    every tensor that is not a whole parameter before the first step; ``autowu.deepspeed`` does this for ZeRO
+    stage 1 and 2. A flat tensor without a layout is refused, never stepped as plain Adam.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, delta: float = 0.1, wd_ratio: float = 0.1, nesterov: bool = False):
+        if not lr >= 0:
+            raise ValueError(f"ZeroAdamP: invalid lr {lr}")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"ZeroAdamP: invalid betas {betas}")
+        if not eps > 0 or not weight_decay >= 0 or not delta > 0 or not 0 <= wd_ratio <= 1:
+            raise ValueError(f"ZeroAdamP: invalid eps {eps}, weight_decay {weight_decay}, delta {delta} or "
+                             f"wd_ratio {wd_ratio}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, delta=delta,
+                        wd_ratio=wd_ratio, nesterov=nesterov)
+        super().__init__(params, defaults)
+        # Tensors given at construction are whole parameters; anything else needs a layout.
+        self._layouts: Dict[torch.Tensor, Tuple[FlatLayout, Optional[object]]] = {
+            p: (FlatLayout.whole(p.shape), None) for group in self.param_groups for p in group["params"]}
+        self._segments: Dict[torch.Tensor, _Segments] = {}
+        self.last_projected: Optional[torch.Tensor] = None  # per step: how many parameters were projected
+
+    # ------------------------------------------------------------------ layout
+    def set_layout(self, tensor: torch.Tensor, layout: FlatLayout, process_group=None) -> None:
+        """Declare that ``tensor`` (a param of this optimizer) holds ``layout``'s slice of a flat buffer.
+
+        ``process_group``: the ranks whose tensors together cover that buffer (their partial sums are
+        all-reduced), or None when this tensor covers every element it needs.
+        """
+        if tensor.dim() != 1 or tensor.numel() != layout.numel:
+            raise ValueError(f"ZeroAdamP.set_layout: a 1-D tensor of {layout.numel} elements expected, "
+                             f"got shape {tuple(tensor.shape)}")
+        self._layouts[tensor] = (layout, process_group)
+        self._segments.pop(tensor, None)
+
+    def check_layouts(self) -> None:
+        """Raise now, not at the first step, if a tensor to be stepped has no known layout."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._segments_of(p)
+
+    def _segments_of(self, p: torch.Tensor) -> Tuple[_Segments, Optional[object]]:
+        if p not in self._layouts:
+            raise RuntimeError(
+                f"ZeroAdamP was handed a tensor of shape {tuple(p.shape)} whose layout it was not told: a "
+                "flattened or partitioned parameter (ZeRO, an fp16 optimizer) would lose AdamP's projection. "
+                "Build the engine with autowu.deepspeed.initialize, which declares ZeRO's partitions.")
+        layout, group = self._layouts[p]
+        if p not in self._segments:
+            self._segments[p] = _Segments(layout, p.device)
+        return self._segments[p], group
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []  # (p, group, perturb, segments, slice of the reduced buffer)
+        process_groups = set()
+        size = 0
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                segments, process_group = self._segments_of(p)
+                perturb = self._adam(p, group, beta1, beta2)
+                rows = segments.num_rows + 1
+                work.append((p, group, perturb, segments, slice(size, size + 4 * rows)))
+                size += 4 * rows
+                if process_group is not None:
+                    process_groups.add(process_group)
+        if not work:
+            return loss
+        if len(process_groups) > 1:
+            raise RuntimeError("ZeroAdamP: tensors of one step belong to different process groups")
+
+        # Partial channel sums of every tensor, into one buffer: one all-reduce a step.
+        sums = torch.zeros(size, dtype=torch.float32, device=work[0][0].device)
+        for p, _, perturb, segments, where in work:
+            if segments.projects:
+                partial = sums[where].view(4, -1)
+                index = segments.element_row
+                for row, (a, b) in enumerate(((p.grad, p), (p.grad, p.grad), (p, p), (p, perturb))):
+                    # reshape: elements in the logical (row-major) order the index uses, whatever the layout
+                    partial[row].index_add_(0, index, (a * b).reshape(-1).float())
+        if process_groups:
+            dist.all_reduce(sums, group=next(iter(process_groups)))
+
+        projected = []
+        for p, group, perturb, segments, where in work:
+            projection = _project(sums[where].view(4, -1), segments, group) if segments.projects else None
+            if projection is not None:
+                row_coefficient, row_uses_wd_ratio, count = projection
+                projected.append(count)
+                index = segments.element_row
+                perturb.sub_(p * row_coefficient.index_select(0, index).view(p.shape).to(p.dtype))
+                if group["weight_decay"] > 0:
+                    lr_wd = group["lr"] * group["weight_decay"]
+                    factor = torch.where(row_uses_wd_ratio, 1.0 - lr_wd * group["wd_ratio"], 1.0 - lr_wd)
+                    p.mul_(factor.index_select(0, index).view(p.shape).to(p.dtype))
+            elif group["weight_decay"] > 0:
+                p.mul_(1.0 - group["lr"] * group["weight_decay"])
+            p.add_(perturb, alpha=-group["lr"] / (1 - group["betas"][0] ** self.state[p]["step"]))
+        # For tests and logs: how many parameters took the projection this step (a device tensor, no sync).
+        self.last_projected = torch.stack(projected).sum() if projected else None
+        return loss
+
+    def _adam(self, p: torch.Tensor, group: dict, beta1: float, beta2: float) -> torch.Tensor:
+        """Adam's moments as timm updates them; returns the update direction (``perturb``)."""
+        grad = p.grad
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        state["step"] += 1
+        bias_correction2 = 1 - beta2 ** state["step"]
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(group["eps"])
+        if group["nesterov"]:
+            return (beta1 * exp_avg + (1 - beta1) * grad) / denom
+        return exp_avg / denom
+
+def _project(sums: torch.Tensor, segments: _Segments, group: dict):
+    """AdamP's projection decision from complete channel sums, on the device (no host synchronisation).
+
+    Returns per row (one extra 0 row for elements of 1-D parameters and padding) the coefficient c of
+    ``perturb -= c * param`` and whether weight decay is scaled by ``wd_ratio``; and how many parameters
+    were projected.
+    """
+    eps, delta = group["eps"], group["delta"]
+    rows, params = segments.num_rows, segments.num_params
+    row_param = segments.row_param
+    grad_param, grad_grad, param_param, param_perturb = sums[:, :rows]
+    zeros = torch.zeros(params, dtype=sums.dtype, device=sums.device)
+
+    # Channel view. torch's cosine_similarity normalises each vector by max(its norm, eps), as here.
+    cosine = grad_param.abs() / (grad_grad.sqrt().clamp_min(eps) * param_param.sqrt().clamp_min(eps))
+    max_cosine = zeros.scatter_reduce(0, row_param, cosine, reduce="amax", include_self=False)
+    channel = max_cosine < delta * segments.inv_sqrt_row_size
+
+    # Layer view, tried only where the channel view did not pass: a parameter's sums are its channels' sums.
+    layer_sums = torch.zeros(4, params, dtype=sums.dtype, device=sums.device).index_add_(1, row_param,
+                                                                                        sums[:, :rows])
+    layer_cosine = layer_sums[0].abs() / (layer_sums[1].sqrt().clamp_min(eps) * layer_sums[2].sqrt().clamp_min(eps))
+    layer = ~channel & (layer_cosine < delta * segments.inv_sqrt_param_numel)
+
+    # perturb -= p_n * sum(p_n * perturb) with p_n = p / (||p|| + eps): a coefficient on p, per row.
+    channel_coefficient = param_perturb / (param_param.sqrt() + eps) ** 2
+    layer_coefficient = layer_sums[3] / (layer_sums[2].sqrt() + eps) ** 2
+    row_channel, row_layer = channel[row_param], layer[row_param]
+    coefficient = torch.where(row_channel, channel_coefficient,
+                              torch.where(row_layer, layer_coefficient[row_param], 0.0))
+    coefficient = torch.cat([coefficient, coefficient.new_zeros(1)])
+    uses_wd_ratio = torch.cat([row_channel | row_layer, row_channel.new_zeros(1)])
+    return coefficient, uses_wd_ratio, (channel | layer).sum()
+
+
+def zero_partition_layouts(zero_optimizer) -> List[Tuple[torch.Tensor, FlatLayout, object]]:
+    """(flat fp32 partition, its layout, its process group) for every group of a DeepSpeed ZeRO-1/2 optimizer.
+
+    Read from ``DeepSpeedZeroOptimizer``'s own bookkeeping: each group's parameters in flat order
+    (``round_robin_bit16_groups``), their offsets (``round_robin_bit16_offsets``, padding included), the
+    equal-sized partitions of the aligned flat buffer and this rank's partition id.
+    """
+    layouts = []
+    for i, flat in enumerate(zero_optimizer.bit16_groups_flat):
+        group = zero_optimizer.real_dp_process_group[i]
+        world, rank = dist.get_world_size(group=group), dist.get_rank(group=group)
+        params = zero_optimizer.round_robin_bit16_groups[i]
+        metas = getattr(zero_optimizer, "round_robin_bit16_meta", [params] * (i + 1))[i]
+        shapes = tuple(tuple(m.shape) for m in metas)
+        offsets = getattr(zero_optimizer, "round_robin_bit16_offsets", None)
+        if offsets is not None:
+            offsets = tuple(offsets[i])
+        else:  # DeepSpeed before per-parameter padding: parameters back to back
+            offsets = tuple(int(sum(math.prod(s) for s in shapes[:j])) for j in range(len(shapes)))
+        partition = zero_optimizer.single_partition_of_fp32_groups[i]
+        size = flat.numel() // world
+        if partition.numel() != size or size * world != flat.numel():
+            raise RuntimeError(f"ZeroAdamP: ZeRO group {i}: partition of {partition.numel()} elements, expected "
+                               f"{flat.numel()} / {world}; this DeepSpeed partitions differently")
+        layouts.append((partition, FlatLayout(shapes, offsets, rank * size, size), group if world > 1 else None))
+    return layouts

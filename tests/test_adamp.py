@@ -1,0 +1,108 @@
+"""autowu's ZeRO-aware AdamP against timm's AdamP: in one process, and in real ZeRO-1/2 engines on 1-3 CPU ranks
+whose partitions cut through parameters (tests/ds_scripts/zero_adamp.py)."""
+import json
+
+import pytest
+import timm.optim
+import torch
+
+import autowu.deepspeed as autowu_ds
+from autowu.adamp import FlatLayout, ZeroAdamP
+from conftest import REPO, run_deepspeed
+
+SCRIPT = REPO / "tests" / "ds_scripts" / "zero_adamp.py"
+
+
+def conv_bn_linear():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 7, 3, bias=False), torch.nn.BatchNorm2d(7), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(7 * 6 * 6, 5))
+
+
+def train_pair(steps, nesterov=False, channels_last=False):
+    a, b = conv_bn_linear(), conv_bn_linear()
+    if channels_last:
+        b = b.to(memory_format=torch.channels_last)
+    reference = timm.optim.AdamP(a.parameters(), lr=0.01, weight_decay=0.1, nesterov=nesterov)
+    ours = ZeroAdamP(b.parameters(), lr=0.01, weight_decay=0.1, nesterov=nesterov)
+    projected = []
+    for step in range(steps):
+        x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(step))
+        y = torch.arange(8) % 5
+        for model, opt in ((a, reference), (b, ours)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        projected.append(int(ours.last_projected))
+    errors = [((p - q).norm() / q.norm()).item() for p, q in zip(b.parameters(), a.parameters())]
+    return errors, projected
+
+
+@pytest.mark.parametrize("nesterov,channels_last", [(False, False), (True, False), (False, True)])
+def test_whole_parameters_step_like_timms_adamp(nesterov, channels_last):
+    errors, projected = train_pair(8, nesterov, channels_last)
+    assert max(errors) < 1e-6, errors
+    assert all(n >= 1 for n in projected)  # the conv before BatchNorm is scale-invariant: projected
+
+
+def test_a_flat_tensor_without_a_layout_is_refused_not_stepped_as_adam():
+    weight = torch.nn.Parameter(torch.randn(4, 3))
+    opt = ZeroAdamP([weight], lr=0.1)
+    flat = torch.nn.Parameter(weight.detach().reshape(-1).clone())
+    opt.param_groups[0]["params"] = [flat]  # what ZeRO does to the param group
+    flat.grad = torch.ones_like(flat)
+    with pytest.raises(RuntimeError, match="layout it was not told"):
+        opt.step()
+    opt.set_layout(flat, FlatLayout(((4, 3),), (0,), 0, 12))
+    opt.step()
+    with pytest.raises(ValueError, match="1-D tensor of 13 elements"):
+        opt.set_layout(flat, FlatLayout(((13,),), (0,), 0, 13))
+
+
+@pytest.mark.parametrize("ranks,stages", [(1, "1"), (2, "1,2"), (3, "1")])
+def test_zero_partitions_step_like_timms_adamp_on_the_whole_model(tmp_path, ranks, stages):
+    proc = run_deepspeed([SCRIPT, "--out", tmp_path, "--stages", stages], num_ranks=ranks)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(ranks)]
+    for r, result in enumerate(results):
+        for stage, run in result["stages"].items():
+            # Partitions of the 1806 parameters (aligned up to a multiple of 2 x ranks) cover them all.
+            assert run["partition"][0] == r * run["partition"][1]
+            if ranks > 1:
+                assert run["straddling"] >= 1  # a boundary cuts through a convolution's channels
+            if r == 0:
+                assert run["projected"] >= 2  # both convolutions took AdamP's projection
+            # Gradient accumulation 2, fp32: the same parameters as timm's AdamP on the whole model.
+            assert max(run["full_vs_reference"]) < 1e-6, (stage, run["full_vs_reference"])
+            # Resumed from the step-3 checkpoint: exactly the unbroken run.
+            assert max(run["resumed_vs_full"]) == 0.0
+            # BatchNorm statistics: one set on every rank, the mean of the ranks' own.
+            assert run["bn_after_vs_mean"] < 1e-6
+            assert run["bn_after"] == results[0]["stages"][stage]["bn_after"]
+            if ranks > 1:
+                assert run["bn_values_averaged"] == 2 * (13 + 11)
+                assert run["bn_before"] != results[1 - r if ranks == 2 else (r + 1) % ranks]["stages"][stage]["bn_before"]
+        # For contrast, timm's AdamP handed to ZeRO directly sees one flat tensor and is far off.
+        assert result["timm_under_zero_saw"] == [[results[0]["stages"]["1"]["partition"][1]]]
+        assert max(result["timm_under_zero_vs_reference"]) > 1e-3
+
+
+def test_set_ups_where_adamp_cannot_be_adamp_are_refused():
+    model = torch.nn.Linear(3, 2)
+    base = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "AdamP", "params": {"weight_decay": 0.1}}}
+    with pytest.raises(ValueError, match="ZeRO stage 3: not supported"):
+        autowu_ds.initialize(model=model, config={**base, "zero_optimization": {"stage": 3}})
+    with pytest.raises(ValueError, match="fp16/bf16 needs ZeRO stage 1 or 2"):
+        autowu_ds.initialize(model=model, config={**base, "fp16": {"enabled": True}})
+    with pytest.raises(ValueError, match="unknown params \\['wd'\\]"):
+        autowu_ds.adamp_params({"optimizer": {"type": "AdamP", "params": {"wd": 0.1}}})
+    with pytest.raises(ValueError, match="choose one"):
+        autowu_ds.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=base)
+    timm_adamp = timm.optim.AdamP(model.parameters())
+    with pytest.raises(ValueError, match="timm's AdamP under DeepSpeed's ZeRO"):
+        autowu_ds.initialize(model=model, optimizer=timm_adamp,
+                             config={"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 1}})
+    assert autowu_ds.adamp_params({"optimizer": {"type": "Adam", "params": {}}}) is None
+    params = autowu_ds.adamp_params({"optimizer": {"type": "adamp", "params": {"betas": [0.9, 0.99]}},
+                                     "zero_optimization": {"stage": 2}})
+    assert params == {"betas": (0.9, 0.99)}
