@@ -112,6 +112,14 @@ def adamp_params(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     return params
 
 
+def _refuse_shape_dependent_config_optimizer(config: Dict[str, Any]) -> None:
+    name = str(config.get("optimizer", {}).get("type", "")).lower()
+    if name in ("lamb", "onebitlamb") and zero_stage(config) > 0:
+        raise ValueError(f"optimizer {config['optimizer']['type']} with ZeRO stage {zero_stage(config)}: its trust "
+                         "ratio is per parameter, but ZeRO hands it flat partitions that cut through parameters "
+                         "(DeepSpeed #88); use ZeRO stage 0, or AdamP, which autowu maps onto the partitions")
+
+
 def _refuse_shape_dependent_client_optimizer(optimizer, config: Dict[str, Any]) -> None:
     cls = type(optimizer)
     flattened = zero_stage(config) > 0 or _half_precision(config)
@@ -242,6 +250,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
         del config["scheduler"]
         kwargs["lr_scheduler"] = lambda basic_optimizer: AutoWU(basic_optimizer, **params)
     optimizer_params = adamp_params(config)
+    _refuse_shape_dependent_config_optimizer(config)
     if optimizer_params is not None:
         if optimizer is not None:
             raise ValueError("the config's optimizer block selects AdamP and an optimizer was passed too: choose one")

@@ -102,6 +102,9 @@ def test_set_ups_where_adamp_cannot_be_adamp_are_refused():
     with pytest.raises(ValueError, match="timm's AdamP under DeepSpeed's ZeRO"):
         autowu_ds.initialize(model=model, optimizer=timm_adamp,
                              config={"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 1}})
+    with pytest.raises(ValueError, match="Lamb with ZeRO stage 1: its trust ratio is per parameter"):
+        autowu_ds.initialize(model=model, config={"train_micro_batch_size_per_gpu": 2, "zero_optimization": {
+            "stage": 1}, "optimizer": {"type": "Lamb", "params": {"lr": 0.1}}})
     assert autowu_ds.adamp_params({"optimizer": {"type": "Adam", "params": {}}}) is None
     params = autowu_ds.adamp_params({"optimizer": {"type": "adamp", "params": {"betas": [0.9, 0.99]}},
                                      "zero_optimization": {"stage": 2}})
