@@ -1,6 +1,8 @@
 """autowu: the AutoWU learning-rate scheduler (Kim et al., 2021) with DeepSpeed and FFCV.
 
-Version ranges here are what a GPU user can satisfy; ``constraints.txt`` pins the versions tested on CPU.
+``pip install autowu`` installs the scheduler alone (torch, numpy, numba, scipy); ``autowu[train]`` everything the
+launcher needs (DeepSpeed, FFCV, timm, gpytorch, ...). Version ranges here are what a GPU user can satisfy;
+``constraints.txt`` pins the versions tested on CPU.
 """
 import subprocess
 
@@ -21,10 +23,33 @@ def opencv_flags():
 
 
 include_dirs, library_dirs, libraries = opencv_flags()
-# Optional: without it (no OpenCV headers) the loaders fall back to FFCV's own resize, only slower.
+# Optional: without it (no OpenCV headers, or a core install) the loaders fall back to FFCV's own resize, only
+# slower; a failed build of it never fails the install.
 fast_resize = Extension("autowu.data._fast_resize", sources=["autowu/data/_fast_resize.cpp"], language="c++",
                         include_dirs=include_dirs, library_dirs=library_dirs, libraries=libraries,
                         extra_compile_args=["-O3", "-std=c++11"], optional=True)
+
+EXTRAS = {
+    # autowu.deepspeed: AutoWU and the ZeRO-aware AdamP from a DeepSpeed JSON config; timm's SyncBN and models.
+    # 0.19.2 is the first DeepSpeed that casts only parameters to fp16 (engine._cast_module_mixed_precision);
+    # before it, module.half() made BatchNorm's running statistics fp16 (SyncBatchNorm: inf, then NaN).
+    "deepspeed": ["deepspeed>=0.19.2,<0.20", "timm>=0.9"],
+    # autowu.data: FFCV betons and loaders (FFCV compiles against libturbojpeg and OpenCV: scripts/setup.sh).
+    "ffcv": ["ffcv>=1.0.2,<1.1", "opencv-python>=4.5", "pillow>=9"],
+    # gp_backend="gpytorch": the paper's own GP computation, the reference of the fast test.
+    "gpytorch": ["gpytorch>=1.11"],
+    "plot": ["matplotlib>=3.6"],
+    # FFCV's GPU NormalizeImage imports cupy; pick the wheel of your CUDA major version.
+    "gpu": ["cupy-cuda12x>=12"],
+    "dev": ["pytest>=7"],
+}
+# Everything launch/train.py and the benchmarks use.
+EXTRAS["train"] = sorted(set(EXTRAS["deepspeed"] + EXTRAS["ffcv"] + EXTRAS["gpytorch"] + EXTRAS["plot"] + [
+    "torchvision>=0.16",  # timm needs it
+    "tqdm>=4.60",
+    "tensorboard>=2.12",
+    "scikit-learn>=1.2",  # the embedded digits dataset of the default run and the scheduler benchmark
+]))
 
 setup(
     name="autowu",
@@ -35,27 +60,12 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["autowu", "autowu.*"]),
     ext_modules=[fast_resize],
+    # The scheduler alone: what a plain PyTorch loop, Lightning or timm's train script needs.
     install_requires=[
         "torch>=2.1",
-        "torchvision>=0.16",  # timm needs it
-        # 0.19.2 is the first that casts only parameters to fp16 (engine._cast_module_mixed_precision);
-        # before it, module.half() made BatchNorm's running statistics fp16 (SyncBatchNorm: inf, then NaN).
-        "deepspeed>=0.19.2,<0.20",
-        "ffcv>=1.0.2,<1.1",
-        "timm>=0.9",
-        "gpytorch>=1.11",
-        "numba>=0.57",
         "numpy>=1.24",
-        "opencv-python>=4.5",
-        "pillow>=9",
-        "tqdm>=4.60",
-        "matplotlib>=3.6",
-        "tensorboard>=2.12",
-        "scikit-learn>=1.2",  # the embedded digits dataset of the default run
+        "numba>=0.57",  # the GP test's compiled fit
+        "scipy>=1.9",   # numba's np.linalg inside the compiled fit calls LAPACK through scipy
     ],
-    extras_require={
-        "dev": ["pytest>=7"],
-        # FFCV's GPU NormalizeImage imports cupy; pick the wheel of your CUDA major version.
-        "gpu": ["cupy-cuda12x>=12"],
-    },
+    extras_require=EXTRAS,
 )

@@ -80,3 +80,26 @@ def resolve_batch(config: Dict[str, Any], world_size: int, source: str) -> int:
                          f"{global_batch} / ({micro} x {world_size} ranks) = {accumulation}; remove it or fix it")
     config["gradient_accumulation_steps"] = accumulation
     return accumulation
+
+
+# The fixed warmup of a reference schedule set to "auto": the same share of the run as the scheduler
+# benchmark's peak-LR grid (benchmarks/bench_schedules.py).
+AUTO_WARMUP_FRACTION = 0.05
+
+
+def resolve_schedule_steps(config: Dict[str, Any], total_steps: int, source: str) -> None:
+    """Fill in ``"auto"`` step counts of DeepSpeed's WarmupCosineLR / WarmupDecayLR from the run's length.
+
+    DeepSpeed's schedulers scale the optimizer block's ``lr`` (their peak); their step counts are known only
+    once the data is, so ``"total_num_steps": "auto"`` is every optimizer step of the run and
+    ``"warmup_num_steps": "auto"`` the first 5% of them.
+    """
+    block = config.get("scheduler") or {}
+    params = block.get("params", {})
+    for key, value in (("total_num_steps", total_steps),
+                       ("warmup_num_steps", max(1, round(AUTO_WARMUP_FRACTION * total_steps)))):
+        if params.get(key) == "auto":
+            params[key] = value
+        elif isinstance(params.get(key), str):
+            raise ValueError(f"{source}: scheduler {block.get('type')}: {key} must be a number or \"auto\", "
+                             f"got {params[key]!r}")

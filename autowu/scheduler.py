@@ -1,17 +1,25 @@
 """AutoWU: the learning-rate scheduler that decides the warmup's length and the peak LR by itself.
 
 The LR grows exponentially (or linearly) from ``min_lr`` towards ``max_lr``, which it would reach at
-``max_warmup_fraction`` of the run. At every epoch's end a Gaussian-process test asks whether the training
-loss's minimum already lies in the past (``autowu.gp``); after ``patience`` passing tests in a row, or at the
-warmup cap, the LR drops to the LR at the GP's predicted minimum and decays: by cosine to 0 at the last step
-(``immediate_cooldown=True``), or it stays constant and cosines to 0 over the last ``cooldown_fraction``.
+``max_warmup_fraction`` of the run. A Gaussian-process test (``autowu.gp``) asks, at every epoch's end (or more
+often on a fast ramp), whether the training loss's minimum already lies in the past; after ``patience`` passing
+tests in a row (``autowu.switch``), or at the warmup cap, the LR drops to the LR at the GP's predicted minimum
+and decays: by cosine to 0 at the last step (``immediate_cooldown=True``), or it stays constant and cosines to
+0 over the last ``cooldown_fraction``.
+
+Two modes. ``mode="paper"`` is the paper's code exactly: a test an epoch, three passes in a row, the ramp
+over half the run, every finite loss fitted. ``mode="default"`` (the default) differs where the paper's
+procedure lost accuracy on real runs (``benchmarks/bench_schedules.py``, README): the ramp covers a fifth of
+the run, the LR holds while a passing test is confirmed (two passes in a row) and, if the pass is not
+confirmed, ramps again from the LR that test saw as the minimum; tests come often enough that the ramp grows
+the LR at most 1.8x between two; isolated loss spikes are left out of the fit.
 
 Usage, as in the paper's code::
 
     scheduler = AutoWU(optimizer, steps_per_epoch, total_epochs, immediate_cooldown=True)
     for batch in loader:
         loss = ...; loss.backward(); optimizer.step()
-        scheduler.step(loss)   # no host sync: the loss stays on its device until the epoch's test
+        scheduler.step(loss)   # no host sync: the loss stays on its device until the next test
 
 Under DeepSpeed, ``autowu.deepspeed.initialize`` feeds it the losses instead (``step()`` without a loss).
 """
@@ -27,10 +35,20 @@ import torch
 
 from .gp import GPHyperparameters, GPTestSettings, PastMinimumTest
 from .spikes import usable_losses
+from .switch import HOLD, RAMP, SWITCH, SwitchRule
 
 WARMUP_TYPES = ("exp", "linear")
 COOLDOWN_TYPES = ("cosine", "half_cosine")
 GP_BACKENDS = ("fast", "gpytorch")
+MODES = ("default", "paper")
+# What each mode sets unless the caller sets it: "paper" is the paper's code exactly.
+MODE_DEFAULTS = {
+    "paper": {"max_warmup_fraction": 0.5, "patience": 3, "spike_threshold": None, "hold": False,
+              "peak_fraction": 1.0, "max_lr_growth_per_test": None, "resume_from_argmin": False},
+    "default": {"max_warmup_fraction": 0.2, "patience": 2, "spike_threshold": 6.0, "hold": True,
+                "peak_fraction": 1.0, "max_lr_growth_per_test": 1.8, "resume_from_argmin": True},
+}
+_FROM_MODE = object()  # "not given": the mode's value
 
 
 def _choice(name: str, value: str, allowed) -> str:
@@ -54,29 +72,45 @@ class AutoWU:
     Args:
         optimizer: the wrapped optimizer. Param groups keep the ratios of their initial LRs; the schedule's
             LR is that of the group with the largest initial LR.
-        steps_per_epoch: optimizer steps in an epoch; the GP test runs at each epoch's end.
+        steps_per_epoch: optimizer steps in an epoch; the GP test runs at each epoch's end, or more often.
         total_epochs: length of the run; the LR reaches 0 after ``steps_per_epoch * total_epochs`` steps.
         min_lr, max_lr: warmup starts at ``min_lr`` and would reach ``max_lr`` at the warmup cap.
-        max_warmup_fraction: the warmup cap, as a fraction of all steps.
+        max_warmup_fraction: the warmup cap, as a fraction of all steps (the mode's: 0.2, the paper 0.5).
         warmup_type: ``"exp"`` (the paper's) or ``"linear"``.
         immediate_cooldown: cosine from the switch to 0; otherwise constant, then the cooldown.
         cooldown_type: ``"cosine"`` or ``"half_cosine"`` (the paper's code's variant).
         cooldown_fraction: the last fraction of steps spent in cooldown when not ``immediate_cooldown``.
         device: where losses are buffered; by default the device of the first loss (no copy, no sync).
-        patience: passing tests in a row that end the warmup.
-        spike_threshold: losses this many robust standard deviations off their neighbours' running median
-            are left out of the GP fit (``autowu.spikes``); ``None`` keeps all finite losses.
+        patience: passing tests in a row that end the warmup (the mode's: 2, the paper 3).
+        spike_threshold: losses this many robust standard deviations beyond the levels both before and after
+            them are left out of the GP fit (``autowu.spikes``); ``None`` (the paper) keeps all finite losses.
         gp_settings: ``GPTestSettings``; the paper's by default.
         gp_backend: ``"fast"`` (weight-space numpy, default) or ``"gpytorch"`` (the paper's computation).
         seed: seed of the subsampling generator (every rank must use the same).
+        mode: ``"default"`` or ``"paper"``; sets every option below and those marked "the mode's" above,
+            unless given.
+        hold: keep the LR while a passing test is being confirmed (``autowu.switch``; the paper: no).
+        peak_fraction: post-switch LR as a fraction of the LR at the predicted minimum (both modes: 1).
+        max_lr_growth_per_test: test often enough that the exponential ramp grows the LR at most this much
+            between two tests (never less than once an epoch); ``None``, the paper: once an epoch.
+        resume_from_argmin: when a hold ends in a failing test, ramp again from the LR at the minimum that the
+            hold's first test predicted, not from the held LR (which was already past it).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int, total_epochs: int,
-                 min_lr: float = 1e-5, max_lr: float = 1.0, max_warmup_fraction: float = 0.5,
+                 min_lr: float = 1e-5, max_lr: float = 1.0, max_warmup_fraction: float = _FROM_MODE,
                  warmup_type: str = "exp", immediate_cooldown: bool = False, cooldown_type: str = "cosine",
-                 cooldown_fraction: float = 0.2, device=None, patience: int = 3,
-                 spike_threshold: Optional[float] = 6.0, gp_settings: Optional[GPTestSettings] = None,
-                 gp_backend: str = "fast", seed: int = 0):
+                 cooldown_fraction: float = 0.2, device=None, patience: int = _FROM_MODE,
+                 spike_threshold: Optional[float] = _FROM_MODE, gp_settings: Optional[GPTestSettings] = None,
+                 gp_backend: str = "fast", seed: int = 0, mode: str = "default", hold: bool = _FROM_MODE,
+                 peak_fraction: float = _FROM_MODE, max_lr_growth_per_test: Optional[float] = _FROM_MODE,
+                 resume_from_argmin: bool = _FROM_MODE):
+        self.mode = _choice("mode", mode, MODES)
+        given = dict(max_warmup_fraction=max_warmup_fraction, patience=patience, spike_threshold=spike_threshold,
+                     hold=hold, peak_fraction=peak_fraction, max_lr_growth_per_test=max_lr_growth_per_test,
+                     resume_from_argmin=resume_from_argmin)
+        options = {k: MODE_DEFAULTS[self.mode][k] if v is _FROM_MODE else v for k, v in given.items()}
+        max_warmup_fraction = options["max_warmup_fraction"]
         if int(steps_per_epoch) != steps_per_epoch or steps_per_epoch < 1:
             raise ValueError(f"AutoWU: steps_per_epoch must be a positive integer, got {steps_per_epoch!r}")
         if int(total_epochs) != total_epochs or total_epochs < 1:
@@ -87,8 +121,6 @@ class AutoWU:
             raise ValueError(f"AutoWU: max_warmup_fraction must be in (0, 1], got {max_warmup_fraction}")
         if not 0 <= cooldown_fraction <= 1:
             raise ValueError(f"AutoWU: cooldown_fraction must be in [0, 1], got {cooldown_fraction}")
-        if int(patience) != patience or patience < 1:
-            raise ValueError(f"AutoWU: patience must be a positive integer, got {patience!r}")
         if not optimizer.param_groups:
             raise ValueError("AutoWU: the optimizer has no param groups")
 
@@ -102,8 +134,15 @@ class AutoWU:
         self.immediate_cooldown = bool(immediate_cooldown)
         self.cooldown_type = _choice("cooldown_type", cooldown_type, COOLDOWN_TYPES)
         self.cooldown_fraction = float(cooldown_fraction)
-        self.patience = int(patience)
-        self.spike_threshold = spike_threshold
+        self.spike_threshold = options["spike_threshold"]
+        growth = options["max_lr_growth_per_test"]
+        if growth is not None and not growth > 1:
+            raise ValueError(f"AutoWU: max_lr_growth_per_test must be > 1 or None, got {growth!r}")
+        self.max_lr_growth_per_test = growth
+        self.rule = SwitchRule(options["patience"], options["hold"], options["peak_fraction"])
+        self.resume_from_argmin = bool(options["resume_from_argmin"])
+        self._hold_argmin_lr: Optional[float] = None
+        self.patience = self.rule.patience
         self.gp_backend = _choice("gp_backend", gp_backend, GP_BACKENDS)
         self.seed = int(seed)
         self.device = torch.device(device) if device is not None else None
@@ -112,6 +151,13 @@ class AutoWU:
         self.max_warmup_steps = max(1, int(self.max_warmup_fraction * self.total_steps))
         self.cooldown_start_step = min(self.total_steps, math.ceil((1 - self.cooldown_fraction) * self.total_steps))
         self._warmup_end_cap = min(self.max_warmup_steps, self.cooldown_start_step)
+        # Steps between GP tests: an epoch (the paper), or fewer where the exponential ramp would otherwise grow
+        # the LR by more than max_lr_growth_per_test between two tests (short budgets ramp fast).
+        self.test_every = self.steps_per_epoch
+        if self.max_lr_growth_per_test is not None and self.warmup_type == "exp":
+            per_growth = self.max_warmup_steps * math.log(self.max_lr_growth_per_test) / math.log(
+                self.max_lr / self.min_lr)
+            self.test_every = max(1, min(self.steps_per_epoch, int(per_growth)))
 
         settings = gp_settings or GPTestSettings()
         if self.gp_backend == "fast":
@@ -133,11 +179,13 @@ class AutoWU:
 
         self.last_step = 0
         self.phase = "warmup"
+        # The decisions the schedule is a function of: where the ramp was held, the switch and its LR.
+        self.holds: List[List[Optional[int]]] = []   # [first held step, first step ramping again or None]
+        self.rewinds: List[List[float]] = []          # [step, ramp steps taken back]: a hold that failed
         self.switch_step: Optional[int] = None
         self.peak_lr: Optional[float] = None
         self.history: List[Dict] = []
         self.switch_curve: Optional[Dict] = None
-        self._passes_in_row = 0
         self._num_reduced = 0
         self._hyper = GPHyperparameters.initial(settings)
         self._generator = torch.Generator().manual_seed(self.seed)
@@ -153,10 +201,32 @@ class AutoWU:
             return self.min_lr * (self.max_lr / self.min_lr) ** fraction
         return self.min_lr + (self.max_lr - self.min_lr) * fraction
 
+    def ramp_position(self, step: float) -> float:
+        """Steps the ramp has advanced by ``step``: the steps so far less those spent holding."""
+        held = 0.0
+        for start, end in self.holds:
+            if start < step:
+                held += min(step, end if end is not None else step) - start
+        for start, back in self.rewinds:
+            if start <= step:
+                held += back
+        return step - held
+
+    def _ramp_position_of(self, lr: float) -> float:
+        """Where on the ramp the warmup LR is ``lr`` (the inverse of ``warmup_lr``)."""
+        if self.warmup_type == "exp":
+            return self.max_warmup_steps * math.log(lr / self.min_lr) / math.log(self.max_lr / self.min_lr)
+        return self.max_warmup_steps * (lr - self.min_lr) / (self.max_lr - self.min_lr)
+
+    def warmup_lr_at(self, step: float) -> float:
+        """The warmup LR used at (possibly fractional) step index ``step``, holds included."""
+        return self.warmup_lr(self.ramp_position(step))
+
     def lr_at(self, step: int) -> float:
-        """The schedule's LR for step index ``step`` (0-based) given the decisions taken so far."""
+        """The schedule's LR for step index ``step`` (0-based): a pure function of the step and the decisions
+        taken so far (``holds``, ``switch_step``, ``peak_lr``)."""
         if self.switch_step is None or step < self.switch_step:
-            return self.warmup_lr(step)
+            return self.warmup_lr_at(step)
         if step >= self.total_steps:
             return 0.0
         start = self.switch_step if self.immediate_cooldown else max(self.switch_step, self.cooldown_start_step)
@@ -202,7 +272,7 @@ class AutoWU:
         if self.phase == "warmup":
             if self.last_step >= self._warmup_end_cap:
                 self._test(at_cap=True)
-            elif self.last_step % self.steps_per_epoch == 0:
+            elif self.last_step % self.test_every == 0:
                 self._test(at_cap=False)
         self._set_lrs()
 
@@ -225,43 +295,58 @@ class AutoWU:
         self.reduce_pending_losses()  # one all-reduce per test
         losses = self._losses[:n].double().cpu().numpy()  # the one host sync of an epoch
         usable = usable_losses(losses, self.spike_threshold)
-        record = {"step": n, "epoch": n / self.steps_per_epoch, "lr": self.warmup_lr(n - 1),
+        record = {"step": n, "epoch": n / self.steps_per_epoch, "lr": self.warmup_lr_at(n - 1),
                   "nonfinite": int((~np.isfinite(losses)).sum()),
                   "spikes_ignored": int(np.isfinite(losses).sum() - usable.sum()), "at_cap": at_cap}
         result = None
         if usable.sum() >= 2:
             try:
                 result, self._hyper = self._gp_test(losses, usable, self._hyper, self._generator)
-            except Exception as err:  # a GP failure must never end a training run
+            except (ImportError, AttributeError, TypeError, NameError):
+                raise  # a broken install or a bug, not a numerical failure: it would fail every test silently
+            except Exception as err:  # a numerical GP failure must never end a training run
                 warnings.warn(f"AutoWU: GP test at step {n} failed ({err!r}); counted as not passed")
                 record["error"] = repr(err)
         if result is not None and result.argmin_x:
-            argmin_lr = float(np.mean([self.warmup_lr(x * n) for x in result.argmin_x]))
+            argmin_lr = float(np.mean([self.warmup_lr_at(x * n) for x in result.argmin_x]))
             passed = result.passed
             record.update(probability=result.probability, probabilities=list(result.probabilities),
                           votes=result.votes, failed_fits=result.failed_fits)
         else:
-            argmin_lr, passed = self.warmup_lr(n - 1), False
+            argmin_lr, passed = self.warmup_lr_at(n - 1), False
             record.update(probability=float("nan"), probabilities=[], votes=0)
         if self.decision_sync is not None:
             decision = torch.tensor([float(passed), argmin_lr], dtype=torch.float64, device=self._losses.device)
             synced = self.decision_sync(decision).cpu()
             passed, argmin_lr = bool(synced[0] > 0.5), float(synced[1])
-        self._passes_in_row = self._passes_in_row + 1 if passed else 0
-        switch = at_cap or self._passes_in_row >= self.patience
-        record.update(passed=passed, passes_in_row=self._passes_in_row, argmin_lr=argmin_lr, switched=switch,
-                      seconds=time.perf_counter() - started)
+        action = self.rule.update(passed, at_cap)
+        switch = action == SWITCH
+        record["at_cap"] = at_cap and self.rule.passes_in_row < self.rule.patience  # switched by the cap
+        holding = bool(self.holds) and self.holds[-1][1] is None
+        if action == HOLD and not holding:
+            self.holds.append([n, None])
+            self._hold_argmin_lr = argmin_lr
+        elif action != HOLD and holding:
+            self.holds[-1][1] = n
+            if action == RAMP and self.resume_from_argmin:
+                # The pass was not confirmed: ramp again, from the LR its test saw as the minimum rather
+                # than from the held LR, which was already past it.
+                back = self.ramp_position(n) - self._ramp_position_of(min(self._hold_argmin_lr, self.warmup_lr_at(n)))
+                if back > 0:
+                    self.rewinds.append([n, back])
+        record.update(passed=passed, passes_in_row=self.rule.passes_in_row, argmin_lr=argmin_lr, switched=switch,
+                      action=action, seconds=time.perf_counter() - started)
         self.history.append(record)
         if switch:
             self.phase = "decay"
             self.switch_step = n
-            self.peak_lr = argmin_lr
+            self.peak_lr = self.rule.peak_lr(argmin_lr)
             self._losses = self._restored_losses = None  # the buffer is only needed during warmup
             if result is not None:
                 # What the GP saw and predicted at the switch, for logs and plots.
                 self.switch_curve = {"step": n, "x": result.grid.tolist(), "mean": result.curve_mean.tolist(),
                                      "std": result.curve_std.tolist(),
-                                     "lr": [self.warmup_lr(x * n) for x in result.grid],
+                                     "lr": [self.warmup_lr_at(x * n) for x in result.grid],
                                      "losses": losses.tolist(), "usable": usable.tolist()}
 
     def reduce_pending_losses(self) -> None:
@@ -284,18 +369,28 @@ class AutoWU:
         return {
             "last_step": self.last_step, "phase": self.phase, "switch_step": self.switch_step,
             "peak_lr": self.peak_lr, "history": [dict(r) for r in self.history],
-            "switch_curve": self.switch_curve, "passes_in_row": self._passes_in_row,
+            "switch_curve": self.switch_curve, "rule": self.rule.state_dict(),
+            "holds": [list(h) for h in self.holds], "rewinds": [list(r) for r in self.rewinds],
+            "hold_argmin_lr": self._hold_argmin_lr,
             "num_reduced": self._num_reduced, "gp_hyperparameters": self._hyper.state_dict(),
             "generator_state": self._generator.get_state(), "losses": losses,
-            "settings": {"steps_per_epoch": self.steps_per_epoch, "total_epochs": self.total_epochs,
-                         "min_lr": self.min_lr, "max_lr": self.max_lr,
-                         "max_warmup_fraction": self.max_warmup_fraction, "warmup_type": self.warmup_type,
-                         "immediate_cooldown": self.immediate_cooldown, "cooldown_type": self.cooldown_type,
-                         "cooldown_fraction": self.cooldown_fraction, "patience": self.patience},
+            "settings": self.state_dict_settings(),
         }
 
+    def state_dict_settings(self) -> Dict:
+        """The settings a checkpoint must have been made with to resume exactly."""
+        return {"steps_per_epoch": self.steps_per_epoch, "total_epochs": self.total_epochs,
+                "min_lr": self.min_lr, "max_lr": self.max_lr,
+                "max_warmup_fraction": self.max_warmup_fraction, "warmup_type": self.warmup_type,
+                "immediate_cooldown": self.immediate_cooldown, "cooldown_type": self.cooldown_type,
+                "cooldown_fraction": self.cooldown_fraction, "patience": self.patience,
+                "mode": self.mode, "hold": self.rule.hold, "peak_fraction": self.rule.peak_fraction,
+                "spike_threshold": self.spike_threshold, "test_every": self.test_every,
+                "resume_from_argmin": self.resume_from_argmin}
+
     def load_state_dict(self, state: Dict) -> None:
-        mismatched = {k: (v, getattr(self, k)) for k, v in state["settings"].items() if getattr(self, k) != v}
+        mine = self.state_dict_settings()
+        mismatched = {k: (v, mine.get(k)) for k, v in state["settings"].items() if mine.get(k) != v}
         if mismatched:
             raise ValueError("AutoWU.load_state_dict: the checkpoint was made with other settings "
                              + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in mismatched.items()))
@@ -305,7 +400,10 @@ class AutoWU:
         self.peak_lr = state["peak_lr"]
         self.history = [dict(r) for r in state["history"]]
         self.switch_curve = state["switch_curve"]
-        self._passes_in_row = int(state["passes_in_row"])
+        self.rule.load_state_dict(state["rule"])
+        self.holds = [list(h) for h in state["holds"]]
+        self.rewinds = [list(r) for r in state["rewinds"]]
+        self._hold_argmin_lr = state["hold_argmin_lr"]
         self._num_reduced = int(state["num_reduced"])
         self._hyper = GPHyperparameters.from_state_dict(state["gp_hyperparameters"])
         self._generator.set_state(state["generator_state"])

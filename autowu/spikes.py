@@ -1,21 +1,22 @@
 """Which losses the GP test should ignore: non-finite values and isolated spikes.
 
-A loss spike (one bad batch, a loss-scale hiccup) is a single step far above its neighbours. The GP, with a
-lengthscale of a fifth of the run, reads a few of them near the end as "the curve is rising" and the paper's
-test then ends the warmup far too early (1% of steps at five times the loss ends it at LR ~2e-5). A spike is
-judged against a running median of its neighbours and a running median absolute deviation, so a loss that
-rises and stays risen (the divergence the test exists to find) is followed by the median and kept.
+A loss spike (one bad batch, a loss-scale hiccup) is a single step far off its neighbours. The GP, with a
+lengthscale of a fifth of the run, reads a few of them near the end as "the curve is rising", and the paper's
+test then ends the warmup far too early (1% of steps at five times the loss ends it at LR ~2e-5).
+
+The rule here judges a loss only once the losses after it are known: it is a spike when it lies more than
+``threshold`` robust standard deviations beyond *both* the median of the ``half_window`` losses before it and
+the median of the ``half_window`` losses after it. An isolated spike is off both sides and goes. A point on a
+rising flank is not: the losses after it are higher than the ones before, and a noisy high point on the way up
+lies above the level before it but not far above the level after it. The last ``half_window`` losses, which
+have fewer after them, are judged against the level of the last ``half_window`` losses with twice the
+threshold (and the first ones against the level of the first). (The earlier rule compared each loss to a centred running median; on a real curve it removed the noisy
+top of the rise, the very evidence the test looks for, and delayed a switch into divergence: 36% top-1.)
 """
 from __future__ import annotations
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
-
-
-def _running_median(values: np.ndarray, window: int) -> np.ndarray:
-    half = window // 2
-    padded = np.pad(values, half, mode="reflect") if len(values) > half else np.pad(values, half, mode="edge")
-    return np.median(sliding_window_view(padded, window), axis=1)
 
 
 def _blockwise_mad_sigma(residual: np.ndarray, block: int) -> np.ndarray:
@@ -29,22 +30,38 @@ def _blockwise_mad_sigma(residual: np.ndarray, block: int) -> np.ndarray:
     return sigma
 
 
-def usable_losses(losses: np.ndarray, threshold: float = 6.0, window: int = 31,
-                  scale_block: int = 200, relative_floor: float = 0.005) -> np.ndarray:
-    """Mask of losses to fit: finite, and (when ``threshold`` is set) no more than ``threshold`` robust
-    standard deviations from the running median of the ``window`` finite losses around them.
+def usable_losses(losses: np.ndarray, threshold: float = 6.0, half_window: int = 15, scale_block: int = 200,
+                  relative_floor: float = 0.005) -> np.ndarray:
+    """Mask of losses to fit: finite, and (when ``threshold`` is set) not a spike by the rule above.
 
     ``relative_floor`` keeps an almost noiseless curve from flagging ordinary steps: deviations under that
     fraction of the loss are never spikes.
     """
     finite = np.isfinite(losses)
-    if threshold is None or finite.sum() < window:
+    if threshold is None or finite.sum() < 2 * half_window + 1:
         return finite
     values = losses[finite]
-    residual = values - _running_median(values, window)
+    n, h = len(values), half_window
+    windows = sliding_window_view(values, h)          # windows[j] = values[j:j + h]
+    medians = np.median(windows, axis=1)
+    judged = np.arange(n)
+    # Before: the h losses that precede; for the first h losses, the level of the first h.
+    before = medians[np.maximum(judged - h, 0)]
+    # After: the h losses that follow; for the last h losses, which have fewer, the level of the last h
+    # losses (on a rise that level has risen too, so the top of a noisy rise stays; an isolated spike at the
+    # end of a flat stretch does not).
+    after = medians[np.minimum(judged + 1, n - h)]
+    # The noise scale: deviations from the mean of the two sides, by blocks (the noise grows as the LR does).
+    residual = values[judged] - 0.5 * (before + after)
     sigma = _blockwise_mad_sigma(residual, scale_block)
-    sigma = np.maximum(sigma, relative_floor * np.abs(values - residual) + 1e-12)
-    keep = np.abs(residual) <= threshold * sigma
+    sigma = np.maximum(sigma, relative_floor * np.abs(0.5 * (before + after)) + 1e-12)
+    # The last h losses are judged against their own level only, so twice as strictly: a spike of a bad batch
+    # is many times the loss and still goes, the top of a noisy rise stays.
+    limit = threshold * sigma * np.where(judged >= n - h, 2.0, 1.0)
+    above = values[judged] - np.maximum(before, after) > limit
+    below = np.minimum(before, after) - values[judged] > limit
+    keep = np.ones(n, dtype=bool)
+    keep[judged[above | below]] = False
     mask = np.zeros_like(finite)
     mask[np.flatnonzero(finite)[keep]] = True
     return mask

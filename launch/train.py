@@ -5,6 +5,8 @@
 
     # the embedded default: scikit-learn's digits, 2 CPU ranks, a minute or two
     deepspeed --num_gpus 2 launch/train.py --deepspeed_config ds_configs/cpu_digits.json
+    # the same with a fixed warmup and cosine to a chosen peak LR instead of AutoWU, to compare
+    deepspeed --num_gpus 2 launch/train.py --deepspeed_config ds_configs/cpu_digits_cosine.json
 
 The JSON holds DeepSpeed's settings (batch sizes, fp16, ZeRO-1, ``"optimizer": {"type": "AdamP"}``,
 ``"scheduler": {"type": "AutoWU"}``) and a ``"train"`` block (model, epochs, data config; ``autowu/run_config.py``). ``--data_dir`` holds
@@ -31,7 +33,8 @@ import autowu.deepspeed as autowu_ds  # noqa: E402
 from autowu.batchnorm import batchnorm_statistics, convert_sync_batchnorm, sync_batchnorm_statistics  # noqa: E402
 from autowu.data import DataConfig, beton_info, train_loader, val_loader, write_betons  # noqa: E402
 from autowu.data.digits import build_digits_folder  # noqa: E402
-from autowu.run_config import resolve_batch, split_config  # noqa: E402
+from autowu.run_config import resolve_batch, resolve_schedule_steps, split_config  # noqa: E402
+from autowu.scheduler import AutoWU  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -207,7 +210,8 @@ def main(argv=None):
                          f"{accumulation} accumulated micro-batches")
     val = val_loader(paths["val"], data_config.val, device=device, distributed=world > 1)
 
-    # ---- model, engine: the optimizer (AdamP, ZeRO-aware) and AutoWU from the JSON
+    # ---- model, engine: the optimizer (AdamP, ZeRO-aware) and AutoWU (or a reference schedule) from the JSON
+    resolve_schedule_steps(ds_config, steps_per_epoch * run.epochs, args.deepspeed_config)
     torch.manual_seed(args.seed)
     model = build_model(run, num_classes, device, world > 1)
     engine, _, _, scheduler = autowu_ds.initialize(model=model, config=ds_config,
@@ -247,7 +251,8 @@ def main(argv=None):
 
     # ---- train
     from tqdm import tqdm
-    tests_logged = len(scheduler.history)
+    autowu = scheduler if isinstance(scheduler, AutoWU) else None  # else a reference schedule from the config
+    tests_logged = len(autowu.history) if autowu else 0
     top1 = top5 = float("nan")
     for epoch in range(start_epoch, run.epochs):
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{run.epochs}", disable=rank != 0,
@@ -269,13 +274,13 @@ def main(argv=None):
             if step % run.log_every == 0 or micro_step + 1 == steps_per_epoch * accumulation:
                 mean_loss = (loss_sum / loss_count).item()  # one host sync every log_every steps
                 rate = loss_count * micro_batch * world / (time.perf_counter() - interval_start)
-                lr = scheduler.get_last_lr()[0]
+                lr = engine.get_lr()[0]
                 bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
                 json_log.write(kind="train", step=step, epoch=step / steps_per_epoch, loss=mean_loss,
                                lr=lr, images_per_s=rate)
                 engine.monitor.write_events([("Train/loss", mean_loss, step)]) if rank == 0 else None
                 loss_sum, loss_count, interval_start = None, 0, time.perf_counter()
-            for record in scheduler.history[tests_logged:]:  # each AutoWU test, as it happens
+            for record in (autowu.history[tests_logged:] if autowu else ()):  # each AutoWU test, as it happens
                 json_log.write(kind="autowu_test", **record)
                 if rank == 0:
                     engine.monitor.write_events([
@@ -283,10 +288,10 @@ def main(argv=None):
                         for k in ("probability", "votes", "argmin_lr", "passed", "switched")])
                 if record["switched"]:
                     log(f"AutoWU switched at step {record['step']} (epoch {record['epoch']:.1f}): "
-                        f"peak LR {scheduler.peak_lr:.4g}" + (" (warmup cap)" if record["at_cap"] else ""))
-                    json_log.write(kind="autowu_switch", **scheduler.switch_curve,
-                                   peak_lr=scheduler.peak_lr, total_steps=scheduler.total_steps)
-            tests_logged = len(scheduler.history)
+                        f"peak LR {autowu.peak_lr:.4g}" + (" (warmup cap)" if record["at_cap"] else ""))
+                    json_log.write(kind="autowu_switch", **autowu.switch_curve,
+                                   peak_lr=autowu.peak_lr, total_steps=autowu.total_steps)
+            tests_logged = len(autowu.history) if autowu else 0
         bar.close()
 
         # One set of BatchNorm statistics (DeepSpeed never syncs buffers): what is evaluated, checkpointed and
@@ -295,7 +300,7 @@ def main(argv=None):
         top1, top5, counted = evaluate(engine, val, infos["val"]["num_samples"], dtype)
         epoch_seconds = time.perf_counter() - started
         log(f"epoch {epoch + 1}: val top-1 {top1 * 100:.2f}% top-5 {top5 * 100:.2f}% ({counted} images), "
-            f"lr {scheduler.get_last_lr()[0]:.3g}, phase {scheduler.phase}, {epoch_seconds:.1f} s")
+            f"lr {engine.get_lr()[0]:.3g}" + (f", phase {autowu.phase}" if autowu else "") + f", {epoch_seconds:.1f} s")
         json_log.write(kind="val", epoch=epoch + 1, step=engine.global_steps, top1=top1, top5=top5,
                        images=counted, seconds=epoch_seconds)
         if rank == 0:
@@ -309,11 +314,13 @@ def main(argv=None):
             log(f"stopping after epoch {epoch + 1} as asked; continue with --resume")
             break
 
-    if rank == 0 and scheduler.switch_step is None and not args.stop_after_epoch:
+    if autowu and autowu.switch_step is None and not args.stop_after_epoch:
         log("AutoWU did not switch during this run")
-    log(f"final: top-1 {top1 * 100:.2f}% top-5 {top5 * 100:.2f}%; AutoWU switch step {scheduler.switch_step}, "
-        f"peak LR {scheduler.peak_lr}; run directory {out_dir}")
-    json_log.write(kind="final", top1=top1, top5=top5, switch_step=scheduler.switch_step, peak_lr=scheduler.peak_lr)
+    schedule = (f"AutoWU switch step {autowu.switch_step}, peak LR {autowu.peak_lr}" if autowu else
+                f"schedule {type(scheduler).__name__} (from the config)")
+    log(f"final: top-1 {top1 * 100:.2f}% top-5 {top5 * 100:.2f}%; {schedule}; run directory {out_dir}")
+    json_log.write(kind="final", top1=top1, top5=top5, switch_step=autowu.switch_step if autowu else None,
+                   peak_lr=autowu.peak_lr if autowu else None, schedule=type(scheduler).__name__)
     dist.barrier()
 
 

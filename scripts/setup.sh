@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up autowu from nothing, idempotently: system packages for FFCV's build, a virtual environment in .venv,
 # and the package with its test tools at the versions pinned in constraints.txt.
-#   bash scripts/setup.sh          # CPU or GPU machine; add AUTOWU_EXTRAS=dev,gpu for cupy
+#   bash scripts/setup.sh          # CPU or GPU machine; AUTOWU_EXTRAS=train,dev,gpu adds cupy
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +24,7 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/python -m pip install -q --upgrade pip wheel setuptools
 fi
 
-extras=${AUTOWU_EXTRAS:-dev}
+extras=${AUTOWU_EXTRAS:-train,dev}
 echo "[setup] installing autowu[$extras] with constraints.txt (first run: a few minutes)"
 # torch and torchvision first, as a pair: a torch that another package drags in alone may not match torchvision.
 .venv/bin/python -m pip install -q -c constraints.txt torch torchvision

@@ -41,9 +41,11 @@ def test_train_switch_accuracy_and_resume(betons, tmp_path):
     assert len(switch) == 1, "AutoWU did not switch within 16 of 30 epochs"
     switch = switch[0]
     steps_per_epoch = json.loads((run_dir / "run_config.json").read_text())["steps_per_epoch"]
-    assert [t["step"] for t in tests] == [steps_per_epoch * (i + 1) for i in range(len(tests))]
+    # A test every epoch, or more often where the default's fast ramp would grow the LR more than 1.8x.
+    every = tests[0]["step"]
+    assert every <= steps_per_epoch and [t["step"] for t in tests] == [every * (i + 1) for i in range(len(tests))]
     assert tests[-1]["switched"] and not tests[-1]["at_cap"]  # the GP test ended the warmup, not the cap
-    assert [t["passed"] for t in tests[-3:]] == [True, True, True]
+    assert [t["passed"] for t in tests[-2:]] == [True, True]  # the default's two passes in a row
     assert 1e-5 < switch["peak_lr"] < tests[-1]["lr"]  # back down to the LR at the predicted minimum
     assert (run_dir / "checkpoints" / "epoch16").is_dir()
 
@@ -70,6 +72,28 @@ def test_train_switch_accuracy_and_resume(betons, tmp_path):
     assert plot.returncode == 0, plot.stderr[-2000:]
     png = run_dir / "autowu.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def test_the_launcher_runs_a_reference_warmup_cosine_schedule(betons, tmp_path):
+    """ds_configs/cpu_digits_cosine.json: DeepSpeed's WarmupCosineLR to the optimizer block's peak LR, with step
+    counts "auto" (the run's steps, 5% warmup): AutoWU against the schedule a user knows, like with like."""
+    run_dir = tmp_path / "cosine"
+    proc = run_deepspeed([REPO / "launch" / "train.py", "--deepspeed_config", REPO / "ds_configs" /
+                          "cpu_digits_cosine.json", "--data_dir", betons, "--out_dir", run_dir, "--epochs", "4"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = read_log(run_dir)
+    peak = json.loads((REPO / "ds_configs" / "cpu_digits_cosine.json").read_text())["optimizer"]["params"]["lr"]
+    total = 4 * 22
+    warmup = round(0.05 * total)
+    for r in (r for r in records if r["kind"] == "train"):
+        # the LR of the next step: DeepSpeed's WarmupCosineLR at iteration step - 1 (it starts at -1)
+        progress = (r["step"] - warmup) / (total - warmup)
+        expected = peak * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        assert r["lr"] == pytest.approx(expected, rel=1e-6, abs=1e-12), r
+    final = records[-1]
+    assert final["kind"] == "final" and final["schedule"] == "WarmupCosineLR" and final["switch_step"] is None
+    assert final["top1"] > 0.5
+    assert not any(r["kind"].startswith("autowu") for r in records)
 
 
 def test_a_missing_beton_is_one_clear_error(tmp_path):

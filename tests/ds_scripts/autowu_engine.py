@@ -52,7 +52,10 @@ def build(fp16=False, scheduler_block=None, initialize=autowu_ds.initialize):
         "train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": GAS,
         "zero_optimization": {"stage": 1},
         "optimizer": {"type": "AdamP", "params": {"lr": 1.0, "delta": 0.1, "wd_ratio": 0.1, "weight_decay": 0.1}},
-        "scheduler": scheduler_block or {"type": "AutoWU", "params": {"immediate_cooldown": True}},
+        # A test at each epoch's end and the ramp over half the run (the paper's), so that the alignment of
+        # tests with epochs and fp16 skips is what these runs check.
+        "scheduler": scheduler_block or {"type": "AutoWU", "params": {
+            "immediate_cooldown": True, "max_warmup_fraction": 0.5, "max_lr_growth_per_test": None}},
     }
     if fp16:
         config["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 50}

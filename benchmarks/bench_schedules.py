@@ -1,0 +1,310 @@
+"""AutoWU on real training runs against a tuned schedule: the paper's procedure, the default, a peak-LR grid.
+
+Five tasks on scikit-learn's bundled handwritten digits (1,797 real 8x8 scans) and a fivefold set made from them
+deterministically (each image also shifted one pixel left, right, up and down: 8,985 images), three seeds each,
+spanning the optimizers (AdamW, timm's AdamP, SGD with momentum), 11 to 200 steps an epoch and 20 to 90 epochs;
+one task has real loss spikes (bad batches with scrambled labels and fp16-style overflow steps whose loss is
+inf and whose update is skipped). The split is fixed per task (80/20, stratified); the seed sets the model's
+initialisation, the batch order and the spikes.
+
+Runs per task and seed:
+- ``paper``: AutoWU exactly as the paper's code (``mode="paper"``);
+- ``default``: AutoWU as this package ships it;
+- ``grid``: 7 peak LRs, each a linear warmup over the first 5% of steps and a cosine to 0: the tuned reference.
+
+Reports per task: mean and worst-seed top-1, the gap to the best grid point (mean over seeds), the switch epoch
+and peak LR of AutoWU, and the seconds spent in the scheduler. Checks the bars of issue 10.
+
+    .venv/bin/python benchmarks/bench_schedules.py --out benchmarks/results/schedules.json
+    .venv/bin/python benchmarks/bench_schedules.py --tasks digits_mlp_adamw --seeds 0 --methods default
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from multiprocessing import Pool
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from autowu import AutoWU  # noqa: E402
+
+ADAM_GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+SGD_GRID = [3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0]
+GRID_WARMUP_FRACTION = 0.05
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    data: str            # "digits" | "shifted_digits"
+    model: str           # "mlp" | "cnn"
+    optimizer: str       # "adamw" | "adamp" | "sgd"
+    batch_size: int
+    epochs: int
+    spikes: bool = False
+
+    @property
+    def grid(self) -> List[float]:
+        return SGD_GRID if self.optimizer == "sgd" else ADAM_GRID
+
+
+TASKS = {t.name: t for t in [
+    Task("digits_mlp_adamw", "digits", "mlp", "adamw", 32, 40),
+    Task("digits_cnn_adamp", "digits", "cnn", "adamp", 64, 30),
+    Task("shifted_mlp_sgd", "shifted_digits", "mlp", "sgd", 36, 20),
+    Task("digits_mlp_sgd_90ep", "digits", "mlp", "sgd", 128, 90),
+    Task("shifted_cnn_adamw_spikes", "shifted_digits", "cnn", "adamw", 128, 30, spikes=True),
+]}
+
+
+def load(data: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train x, train y, test x, test y); x as (N, 1, 8, 8) in [0, 1]. The split is fixed."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    digits = load_digits()
+    images, labels = digits.images / 16.0, digits.target
+    if data == "shifted_digits":
+        shifted = [images]
+        for axis, step in ((1, 1), (1, -1), (2, 1), (2, -1)):
+            moved = np.roll(images, step, axis=axis)
+            edge = (slice(None),) * axis + ((0 if step > 0 else -1),)
+            moved[edge] = 0.0  # a shift, not a wrap-around
+            shifted.append(moved)
+        images, labels = np.concatenate(shifted), np.tile(labels, 5)
+    x_train, x_test, y_train, y_test = train_test_split(images, labels, test_size=0.2, random_state=0,
+                                                        stratify=labels)
+    as_x = lambda a: torch.tensor(a, dtype=torch.float32).unsqueeze(1)  # noqa: E731
+    return as_x(x_train), torch.tensor(y_train), as_x(x_test), torch.tensor(y_test)
+
+
+def build_model(kind: str) -> torch.nn.Module:
+    if kind == "mlp":
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 128), torch.nn.ReLU(),
+                                   torch.nn.Linear(128, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 16, 3, padding=1, bias=False), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 3, padding=1, bias=False), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(32 * 16, 10))
+
+
+def build_optimizer(kind: str, params, lr: float):
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
+    if kind == "adamp":
+        from timm.optim import AdamP
+        return AdamP(params, lr=lr, weight_decay=0.1, delta=0.1, wd_ratio=0.1)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+
+class GridSchedule:
+    """Linear warmup over the first 5% of steps to ``peak_lr``, then a cosine to 0."""
+
+    def __init__(self, optimizer, total_steps: int, peak_lr: float):
+        self.optimizer, self.total_steps, self.peak_lr = optimizer, total_steps, peak_lr
+        self.warmup_steps = max(1, round(GRID_WARMUP_FRACTION * total_steps))
+        self.last_step = 0
+        self._set()
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.peak_lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        return self.peak_lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    def _set(self):
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.last_step)
+
+    def step(self, loss=None):
+        self.last_step += 1
+        self._set()
+
+
+def run(task_name: str, seed: int, method: str, peak_lr: Optional[float] = None,
+        autowu_kwargs: Optional[Dict] = None) -> Dict:
+    """One training run; returns its result (and, for AutoWU, its losses and tests)."""
+    torch.set_num_threads(1)
+    task = TASKS[task_name]
+    x_train, y_train, x_test, y_test = load(task.data)
+    torch.manual_seed(seed)
+    model = build_model(task.model)
+    steps_per_epoch = len(x_train) // task.batch_size
+    total_steps = steps_per_epoch * task.epochs
+    optimizer = build_optimizer(task.optimizer, model.parameters(), lr=1e-3)
+    if method == "grid":
+        scheduler = GridSchedule(optimizer, total_steps, peak_lr)
+    else:
+        scheduler = AutoWU(optimizer, steps_per_epoch, task.epochs, immediate_cooldown=True,
+                           cooldown_type="cosine", mode="paper" if method == "paper" else "default",
+                           **(autowu_kwargs if method == "default" and autowu_kwargs else {}))
+    order_rng = torch.Generator().manual_seed(1000 + seed)
+    spike_rng = np.random.default_rng(2000 + seed)
+    criterion = torch.nn.CrossEntropyLoss()
+    scheduler_seconds, diverged = 0.0, False
+    model.train()
+    for epoch in range(task.epochs):
+        order = torch.randperm(len(x_train), generator=order_rng)
+        for i in range(steps_per_epoch):
+            idx = order[i * task.batch_size:(i + 1) * task.batch_size]
+            x, y = x_train[idx], y_train[idx]
+            bad_batch = overflow = False
+            if task.spikes:
+                draw = spike_rng.random()
+                bad_batch, overflow = draw < 0.02, 0.02 <= draw < 0.03
+            if bad_batch:  # a real bad batch: labels scrambled, a real loss spike and a harmful gradient
+                y = torch.randint(0, 10, y.shape, generator=order_rng)
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(model(x), y)
+            if torch.isfinite(loss) and not overflow:
+                loss.backward()
+                optimizer.step()
+            else:
+                diverged = diverged or not torch.isfinite(loss)
+            # An fp16 overflow step: the update is skipped and the loss it reports is inf.
+            reported = torch.tensor(math.inf) if overflow else loss.detach()
+            started = time.perf_counter()
+            scheduler.step(reported)
+            scheduler_seconds += time.perf_counter() - started
+    model.eval()
+    with torch.no_grad():
+        logits = model(x_test)
+        top1 = float((logits.argmax(1) == y_test).float().mean()) if torch.isfinite(logits).all() else 0.1
+    result = {"task": task_name, "seed": seed, "method": method, "peak_lr": peak_lr, "top1": top1 * 100,
+              "scheduler_seconds": scheduler_seconds, "steps_per_epoch": steps_per_epoch, "epochs": task.epochs}
+    if method != "grid":
+        result.update(peak_lr=scheduler.peak_lr, switch_step=scheduler.switch_step,
+                      switch_epoch=None if scheduler.switch_step is None else scheduler.switch_step / steps_per_epoch,
+                      tests=[{k: r.get(k) for k in ("step", "lr", "probability", "passed", "argmin_lr",
+                                                     "spikes_ignored", "nonfinite", "at_cap")}
+                             for r in scheduler.history],
+                      # the losses AutoWU saw up to its switch (for fixtures and plots)
+                      losses=None if scheduler.switch_curve is None else scheduler.switch_curve["losses"])
+    return result
+
+
+def _run_star(args):
+    return run(*args)
+
+
+def summarise(results: List[Dict]) -> Dict:
+    by = {}
+    for r in results:
+        by.setdefault(r["task"], []).append(r)
+    summary = {}
+    for task, runs in by.items():
+        seeds = sorted({r["seed"] for r in runs})
+        grid = {}
+        for r in runs:
+            if r["method"] == "grid":
+                grid.setdefault(r["peak_lr"], {})[r["seed"]] = r["top1"]
+        grid_means = {lr: statistics.mean(v.values()) for lr, v in grid.items()}
+        best_lr = max(grid_means, key=grid_means.get) if grid_means else None
+        entry = {"grid": {f"{lr:g}": m for lr, m in sorted(grid_means.items())}, "best_grid_lr": best_lr,
+                 "best_grid_top1": grid_means.get(best_lr), "methods": {}}
+        for method in ("paper", "default"):
+            mine = {r["seed"]: r for r in runs if r["method"] == method}
+            if not mine:
+                continue
+            accs = [mine[s]["top1"] for s in seeds if s in mine]
+            m = {"mean_top1": statistics.mean(accs), "worst_top1": min(accs),
+                 "switch_epochs": [mine[s]["switch_epoch"] for s in seeds if s in mine],
+                 "peak_lrs": [mine[s]["peak_lr"] for s in seeds if s in mine],
+                 "scheduler_seconds": statistics.mean(mine[s]["scheduler_seconds"] for s in seeds if s in mine),
+                 "per_seed": {s: mine[s]["top1"] for s in seeds if s in mine}}
+            if best_lr is not None:
+                m["gap_to_best_grid"] = grid_means[best_lr] - m["mean_top1"]
+                medians = {s: statistics.median(grid[lr][s] for lr in grid if s in grid[lr]) for s in seeds}
+                m["worst_below_grid_median"] = max(medians[s] - mine[s]["top1"] for s in seeds if s in mine)
+            entry["methods"][method] = m
+        if "paper" in entry["methods"] and "default" in entry["methods"]:
+            p, d = entry["methods"]["paper"]["per_seed"], entry["methods"]["default"]["per_seed"]
+            entry["worst_below_paper"] = max(p[s] - d[s] for s in p if s in d)
+        summary[task] = entry
+    return summary
+
+
+def bars(summary: Dict) -> Dict:
+    defaults = [e["methods"]["default"] for e in summary.values() if "default" in e["methods"]]
+    gaps = [d["gap_to_best_grid"] for d in defaults if "gap_to_best_grid" in d]
+    return {
+        "mean_gap_to_best_grid": statistics.mean(gaps) if gaps else None, "bar_mean_gap": 0.3,
+        "max_gap_to_best_grid": max(gaps) if gaps else None, "bar_max_gap": 1.0,
+        "worst_seed_below_paper": max((e.get("worst_below_paper", -math.inf) for e in summary.values()),
+                                      default=None), "bar_below_paper": 1.0,
+        "worst_seed_below_grid_median": max((d.get("worst_below_grid_median", -math.inf) for d in defaults),
+                                            default=None), "bar_below_grid_median": 2.0,
+    }
+
+
+def table(summary: Dict) -> str:
+    lines = ["| task | method | mean top-1 | worst seed | gap to best grid | switch epoch | peak LR | sched. s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for task, e in summary.items():
+        if e["best_grid_lr"] is not None:
+            lines.append(f"| {task} | grid best ({e['best_grid_lr']:g}) | {e['best_grid_top1']:.2f} | | 0 | | | |")
+        for method, m in e["methods"].items():
+            lines.append(
+                f"| {task} | {method} | {m['mean_top1']:.2f} | {m['worst_top1']:.2f} | "
+                f"{m.get('gap_to_best_grid', float('nan')):+.2f} | "
+                f"{', '.join('-' if s is None else f'{s:.0f}' for s in m['switch_epochs'])} | "
+                f"{', '.join('-' if p is None else f'{p:.2g}' for p in m['peak_lrs'])} | "
+                f"{m['scheduler_seconds']:.2f} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--methods", default="paper,default,grid")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", default=None, help="JSON with every run, the summary and the bars")
+    parser.add_argument("--autowu", default=None, help="JSON of AutoWU keyword arguments for the default runs "
+                        "(to measure variants)")
+    parser.add_argument("--reuse", default=None,
+                        help="a JSON written by --out whose runs of the methods not run now are taken over")
+    args = parser.parse_args()
+    jobs = []
+    for task in args.tasks.split(","):
+        for seed in map(int, args.seeds.split(",")):
+            for method in args.methods.split(","):
+                if method == "grid":
+                    jobs += [(task, seed, "grid", lr) for lr in TASKS[task].grid]
+                else:
+                    jobs.append((task, seed, method, None, json.loads(args.autowu) if args.autowu else None))
+    started = time.perf_counter()
+    with Pool(args.workers) as pool:
+        results = []
+        for i, result in enumerate(pool.imap_unordered(_run_star, jobs)):
+            results.append(result)
+            what = f"lr {result['peak_lr']:g}" if result["method"] == "grid" else (
+                f"switch epoch {result['switch_epoch']}, peak LR {result['peak_lr']:.3g}")
+            print(f"[{i + 1}/{len(jobs)}] {result['task']} seed {result['seed']} {result['method']}: "
+                  f"top-1 {result['top1']:.2f}, {what}", flush=True)
+    if args.reuse:
+        with open(args.reuse) as f:
+            earlier = json.load(f)["results"]
+        methods, tasks = set(args.methods.split(",")), set(args.tasks.split(","))
+        results += [r for r in earlier if r["method"] not in methods and r["task"] in tasks]
+    summary = summarise(results)
+    checks = bars(summary)
+    print(table(summary))
+    print(json.dumps(checks, indent=1))
+    print(f"wall clock {time.perf_counter() - started:.0f} s on {args.workers} workers")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"results": results, "summary": summary, "bars": checks,
+                       "wall_seconds": time.perf_counter() - started}, f)
+
+
+if __name__ == "__main__":
+    main()
