@@ -39,8 +39,9 @@ EXTRAS = {
     # gp_backend="gpytorch": the paper's own GP computation, the reference of the fast test.
     "gpytorch": ["gpytorch>=1.11"],
     "plot": ["matplotlib>=3.6"],
-    # FFCV's GPU NormalizeImage imports cupy; pick the wheel of your CUDA major version.
-    "gpu": ["cupy-cuda12x>=12"],
+    # FFCV's GPU NormalizeImage compiles a CuPy kernel with the NVRTC of cupy's CUDA major, which must be
+    # torch's: the pinned torch (constraints.txt) is a CUDA 13 build. With a CUDA 12 torch use cupy-cuda12x.
+    "gpu": ["cupy-cuda13x>=13"],
     "dev": ["pytest>=7"],
 }
 # Everything launch/train.py and the benchmarks use.

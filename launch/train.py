@@ -49,6 +49,8 @@ def parse_args(argv=None):
     parser.add_argument("--stop_after_epoch", type=int, default=None,
                         help="end this process after that epoch (checkpointed), as a preemption would")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--allow_cpu", action="store_true",
+                        help="run an fp16/bf16 config on the CPU (otherwise a missing GPU is an error)")
     parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     parser = deepspeed.add_config_arguments(parser)
     args = parser.parse_args(argv)
@@ -147,7 +149,7 @@ def evaluate(engine, loader, num_samples, dtype):
     # DistributedSampler pads by repeating the first samples; they land last on ranks >= N mod world.
     my_count = math.ceil(num_samples / world) - (1 if pad and rank >= num_samples % world else 0)
     totals = torch.zeros(3, dtype=torch.float64, device=engine.device)
-    seen = 0
+    seen = counted = 0
     engine.eval()
     with torch.no_grad():
         for images, labels in loader:
@@ -158,9 +160,10 @@ def evaluate(engine, loader, num_samples, dtype):
             logits = engine(images.to(dtype))[:keep].float()
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hits = top5 == labels[:keep, None]
-            totals += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
-                                   torch.tensor(keep, device=hits.device)]).to(totals)
+            totals[:2] += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()]).to(totals)
+            counted += keep  # counted on the host: no tensor made from a Python number per batch
     engine.train()
+    totals[2] = counted
     dist.all_reduce(totals)
     return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item(), int(totals[2].item())
 
@@ -172,9 +175,17 @@ def main(argv=None):
     device = torch.device("cuda", args.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels (ffcv-imagenet)
 
     # ---- config: DeepSpeed's part, the run's part, the data's
     ds_config, run = split_config(args.deepspeed_config)
+    half = [k for k in ("fp16", "bf16") if ds_config.get(k, {}).get("enabled")]
+    if half and device.type != "cuda" and not args.allow_cpu:
+        # A CUDA build of torch on a driver too old for it reports no GPU: without this, a GPU job would
+        # silently train on the CPU.
+        raise RuntimeError(f"{args.deepspeed_config} asks for {half[0]} but CUDA is not available "
+                           f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); check the driver, or "
+                           "pass --allow_cpu to run on the CPU on purpose")
     if args.model:
         run = dataclasses.replace(run, model=args.model)
     if args.epochs:

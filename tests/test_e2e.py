@@ -57,6 +57,7 @@ def test_train_switch_accuracy_and_resume(betons, tmp_path):
     assert final["switch_step"] == switch["step"] and final["peak_lr"] == switch["peak_lr"]
     assert final["top1"] > 0.8  # chance is 0.1
     vals = [r for r in records if r["kind"] == "val"]
+    assert {v["images"] for v in vals} == {359}  # every validation image once, without the padding duplicates
     assert [v["epoch"] for v in vals] == list(range(1, 31))
     # After the resume the LR continues the same cosine from the switch to 0 at the last step.
     total = switch["total_steps"]

@@ -56,3 +56,22 @@ def test_unknown_keys_and_models_are_refused(tmp_path):
         train_script.build_model(RunSettings(model="resnet5O"), 10, torch.device("cpu"), False)
     model = train_script.build_model(RunSettings(model="test_efficientnet"), 7, torch.device("cpu"), False)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+
+
+def test_an_fp16_config_without_cuda_is_one_clear_error(tmp_path):
+    """A CUDA build of torch on a too-old driver sees no GPU: the job must stop, not train on the CPU."""
+    from conftest import run_deepspeed
+    proc = run_deepspeed([REPO / "launch" / "train.py", "--deepspeed_config", REPO / "ds_configs" /
+                          "resnet50_4k.json", "--out_dir", tmp_path / "run"], num_ranks=1)
+    assert proc.returncode != 0
+    assert "asks for fp16 but CUDA is not available" in proc.stdout + proc.stderr
+    assert "--allow_cpu" in proc.stdout + proc.stderr
+
+
+def test_the_gpu_extra_matches_the_pinned_torchs_cuda_major():
+    """FFCV's GPU normalisation compiles with cupy's NVRTC, which must be the CUDA major torch was built for."""
+    import re
+    setup = (REPO / "setup.py").read_text()
+    cupy = re.search(r'"gpu": \["cupy-cuda(\d+)x', setup).group(1)
+    pinned = re.search(r"^cuda-toolkit==(\d+)\.", (REPO / "constraints.txt").read_text(), re.M).group(1)
+    assert cupy == pinned == torch.version.cuda.split(".")[0]
