@@ -233,3 +233,26 @@ def test_fast_resize_is_opencvs_linear_under_2x_and_area_beyond():
         compiled(source, top, bottom, left, right, out)
         expected = cv2.resize(source[top:bottom, left:right], (176, 176), interpolation=interpolation)
         assert np.abs(out.astype(int) - expected).max() <= 2  # the system OpenCV and the wheel's may round apart
+
+
+def test_loader_workers_follow_the_cores_and_ranks_of_the_node(monkeypatch, tmp_path):
+    import numba
+
+    from autowu.data.loaders import loader_workers, warn_if_page_cache_too_small
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert loader_workers(None) == min(cores, numba.config.NUMBA_NUM_THREADS)
+    assert loader_workers(None, local_world_size=8) == max(1, cores // 8)
+    monkeypatch.setenv("LOCAL_SIZE", str(cores))  # as DeepSpeed's launcher sets it: one thread a rank here
+    assert loader_workers(None) == 1
+    assert loader_workers(1) == 1  # an explicit number wins
+    with pytest.raises(ValueError, match="numba allows 1 to"):
+        loader_workers(numba.config.NUMBA_NUM_THREADS + 1)  # FFCV's numba.set_num_threads would raise
+
+    beton = tmp_path / "big.beton"
+    beton.write_bytes(b"\0" * 4096)
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PAGE_SIZE": 1024, "SC_PHYS_PAGES": 2}[name])
+    with pytest.warns(UserWarning, match="4 KiB|0.0 GiB but this node has 0.0 GiB"):
+        assert "os_cache" in warn_if_page_cache_too_small(str(beton), os_cache=True)
+    assert warn_if_page_cache_too_small(str(beton), os_cache=False) is None

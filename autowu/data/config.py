@@ -37,7 +37,7 @@ class TrainLoaderConfig:
     # Per data-parallel rank. The launcher takes it from DeepSpeed's train_micro_batch_size_per_gpu (one
     # place for it); a data config that names a different one is refused there.
     batch_size: Optional[int] = None
-    num_workers: int = 12
+    num_workers: Optional[int] = None   # None: the cores this process may use / ranks on the node (loaders.py)
     scale: Tuple[float, float] = (0.08, 1.0)   # random-resized-crop area range
     ratio: Tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
@@ -60,7 +60,7 @@ class ValLoaderConfig:
     resolution: int = 224
     crop_ratio: float = 224 / 256       # center crop of the shorter side
     batch_size: int = 256
-    num_workers: int = 12
+    num_workers: Optional[int] = None   # None: as for train
     os_cache: bool = True
     batches_ahead: int = 3
 

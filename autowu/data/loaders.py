@@ -46,6 +46,44 @@ def beton_info(path: str) -> dict:
             "min_side": int(min(image_meta["width"].min(), image_meta["height"].min()))}
 
 
+def loader_workers(requested: Optional[int], local_world_size: Optional[int] = None) -> int:
+    """Worker threads for one rank's FFCV loader.
+
+    FFCV runs its pipeline in numba threads and calls ``numba.set_num_threads(num_workers)``, which raises above
+    numba's thread limit; and on an 8-GPU node, 8 ranks x 12 threads oversubscribe the cores. ``None`` takes
+    the cores this process may use divided by the ranks on this node (DeepSpeed's launcher sets ``LOCAL_SIZE``,
+    torchrun ``LOCAL_WORLD_SIZE``); an explicit number wins, but not above numba's limit.
+    """
+    import numba
+    limit = numba.config.NUMBA_NUM_THREADS
+    if requested is not None:
+        if not 1 <= requested <= limit:
+            raise ValueError(f"num_workers {requested}: FFCV sets that many numba threads, and numba allows "
+                             f"1 to {limit} here (NUMBA_NUM_THREADS); lower it or leave it unset (automatic)")
+        return requested
+    local = local_world_size or int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(limit, cores // max(1, local)))
+
+
+def warn_if_page_cache_too_small(path: str, os_cache: bool, ranks_on_node: int = 1) -> Optional[str]:
+    """``os_cache=True`` with a random order reads the whole beton through the page cache: a node needs the
+    beton's size in memory or every epoch goes back to the disk at random. Says so (once, at start-up)."""
+    if not os_cache or not hasattr(os, "sysconf"):
+        return None
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    size = os.path.getsize(path)
+    if size <= memory:
+        return None
+    message = (f"{path} is {size / 2**30:.1f} GiB but this node has {memory / 2**30:.1f} GiB of memory: with "
+               "os_cache=true and a random order every epoch will read it from disk at random; copy the betons "
+               "to a faster local disk, write them with a smaller max_resolution, or set train.os_cache false "
+               "(FFCV's own per-process memory manager instead of the page cache)")
+    import warnings
+    warnings.warn(message)
+    return message
+
+
 def _distributed_world(distributed: bool) -> int:
     if not distributed:
         return 1
@@ -112,7 +150,9 @@ def train_loader(path: str, config: TrainLoaderConfig, device="cpu", distributed
                                         alphastd=config.lighting_alphastd, seed=lighting_seed),
                   ToTensor(), ToTorchImage()]
     order = OrderOption.QUASI_RANDOM if config.order == "quasi_random" else OrderOption.RANDOM
-    loader = Loader(path, batch_size=config.batch_size, num_workers=config.num_workers, os_cache=config.os_cache,
+    warn_if_page_cache_too_small(path, config.os_cache)
+    loader = Loader(path, batch_size=config.batch_size, num_workers=loader_workers(config.num_workers),
+                    os_cache=config.os_cache,
                     order=order, distributed=distributed, seed=seed, drop_last=config.drop_last,
                     batches_ahead=config.batches_ahead, indices=indices,
                     pipelines={"image": image, "label": _label_pipeline(device)})
@@ -132,7 +172,7 @@ def val_loader(path: str, config: ValLoaderConfig, device="cpu", distributed: bo
     _check_batches(path, info, 1, world, drop_last=False)
     image = [CenterCropRGBImageDecoder((config.resolution, config.resolution), ratio=config.crop_ratio)]
     image += _image_tail(device, dtype)
-    return Loader(path, batch_size=config.batch_size, num_workers=config.num_workers, os_cache=config.os_cache,
-                  order=OrderOption.SEQUENTIAL, distributed=distributed, drop_last=False,
+    return Loader(path, batch_size=config.batch_size, num_workers=loader_workers(config.num_workers),
+                  os_cache=config.os_cache, order=OrderOption.SEQUENTIAL, distributed=distributed, drop_last=False,
                   batches_ahead=config.batches_ahead, indices=indices,
                   pipelines={"image": image, "label": _label_pipeline(device)})
