@@ -1,6 +1,7 @@
 """The scheduler installs on its own: a fresh virtual environment gets ``pip install <this repo>`` (the core:
 torch, numpy, numba, scipy) and trains a real model with AutoWU, with no DeepSpeed, FFCV, timm or gpytorch in sight."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,14 +70,27 @@ def test_the_core_install_trains_with_autowu_and_nothing_else(tmp_path):
     link_torch_only(tmp_path / "torch_only")
     Path(purelib, "torch_only.pth").write_text(str(tmp_path / "torch_only") + "\n")
 
-    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
+    # No OpenCV for the optional C++ resize (an FFCV-side speed-up): a pkg-config that finds nothing, so its
+    # build fails for want of headers, and the install must go on without it.
+    no_opencv = tmp_path / "bin"
+    no_opencv.mkdir()
+    (no_opencv / "pkg-config").write_text("#!/bin/sh\nexit 1\n")
+    (no_opencv / "pkg-config").chmod(0o755)
+    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PATH=f"{no_opencv}:{os.environ['PATH']}")
+    # The tracked files only, as a fresh checkout has them (no build/ or in-place extension of this checkout).
+    source = tmp_path / "src"
+    for name in subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                               check=True).stdout.split():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, source / name)
     install = subprocess.run([str(python), "-m", "pip", "install", "-q", "-c", str(REPO / "constraints.txt"),
-                              str(REPO)], capture_output=True, text=True, env=env, timeout=900)
+                              str(source)], capture_output=True, text=True, env=env, timeout=900)
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
     listed = subprocess.run([str(python), "-m", "pip", "list", "--format=freeze"], capture_output=True,
                             text=True, check=True).stdout.lower()
     installed = {line.split("==")[0] for line in listed.split()}
     assert {"autowu", "numpy", "numba", "scipy", "torch"} <= installed
+    assert not list(Path(purelib, "autowu", "data").glob("_fast_resize*.so"))  # built without OpenCV headers
     assert not installed & {"deepspeed", "ffcv", "timm", "gpytorch", "opencv-python", "scikit-learn",
                             "matplotlib", "tensorboard"}
 
