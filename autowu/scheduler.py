@@ -224,7 +224,7 @@ class AutoWU:
 
     def lr_at(self, step: int) -> float:
         """The schedule's LR for step index ``step`` (0-based): a pure function of the step and the decisions
-        taken so far (``holds``, ``switch_step``, ``peak_lr``)."""
+        taken so far (``holds``, ``rewinds``, ``switch_step``, ``peak_lr``)."""
         if self.switch_step is None or step < self.switch_step:
             return self.warmup_lr_at(step)
         if step >= self.total_steps:
@@ -400,10 +400,11 @@ class AutoWU:
         self.peak_lr = state["peak_lr"]
         self.history = [dict(r) for r in state["history"]]
         self.switch_curve = state["switch_curve"]
-        self.rule.load_state_dict(state["rule"])
-        self.holds = [list(h) for h in state["holds"]]
-        self.rewinds = [list(r) for r in state["rewinds"]]
-        self._hold_argmin_lr = state["hold_argmin_lr"]
+        # (Checkpoints from before the switch rule had its own state carry only the pass count.)
+        self.rule.load_state_dict(state.get("rule", {"passes_in_row": state.get("passes_in_row", 0)}))
+        self.holds = [list(h) for h in state.get("holds", [])]
+        self.rewinds = [list(r) for r in state.get("rewinds", [])]
+        self._hold_argmin_lr = state.get("hold_argmin_lr")
         self._num_reduced = int(state["num_reduced"])
         self._hyper = GPHyperparameters.from_state_dict(state["gp_hyperparameters"])
         self._generator.set_state(state["generator_state"])
