@@ -83,8 +83,9 @@ def zero_stage(config: Dict[str, Any]) -> int:
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
 
-def _half_precision(config: Dict[str, Any]) -> bool:
-    return any(config.get(key, {}).get("enabled", False) for key in ("fp16", "bf16", "bfloat16"))
+def half_precision(config: Dict[str, Any]) -> Optional[str]:
+    """The config's enabled 16-bit mode ("fp16", "bf16" or DeepSpeed's alias "bfloat16"), or None."""
+    return next((key for key in ("fp16", "bf16", "bfloat16") if config.get(key, {}).get("enabled", False)), None)
 
 
 def adamp_params(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -106,7 +107,7 @@ def adamp_params(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         raise ValueError(f"optimizer AdamP with ZeRO stage {stage}: not supported (its projection needs each "
                          "parameter's channels, which autowu maps for ZeRO's flat partitions of stage 1 and 2 "
                          "only); use \"zero_optimization\": {\"stage\": 1} or 2")
-    if stage == 0 and _half_precision(config):
+    if stage == 0 and half_precision(config):
         raise ValueError("optimizer AdamP with fp16/bf16 needs ZeRO stage 1 or 2: without ZeRO, DeepSpeed's "
                          "fp16 optimizer flattens the parameters in a way autowu does not map")
     return params
@@ -122,7 +123,7 @@ def _refuse_shape_dependent_config_optimizer(config: Dict[str, Any]) -> None:
 
 def _refuse_shape_dependent_client_optimizer(optimizer, config: Dict[str, Any]) -> None:
     cls = type(optimizer)
-    flattened = zero_stage(config) > 0 or _half_precision(config)
+    flattened = zero_stage(config) > 0 or half_precision(config) is not None
     if flattened and cls.__module__.startswith("timm.") and cls.__name__ in _SHAPE_DEPENDENT_TIMM_OPTIMIZERS:
         raise ValueError(
             f"timm's {cls.__name__} under DeepSpeed's ZeRO/fp16 optimizer sees flat 1-D partitions and silently "

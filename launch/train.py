@@ -179,11 +179,11 @@ def main(argv=None):
 
     # ---- config: DeepSpeed's part, the run's part, the data's
     ds_config, run = split_config(args.deepspeed_config)
-    half = [k for k in ("fp16", "bf16") if ds_config.get(k, {}).get("enabled")]
+    half = autowu_ds.half_precision(ds_config)
     if half and device.type != "cuda" and not args.allow_cpu:
         # A CUDA build of torch on a driver too old for it reports no GPU: without this, a GPU job would
         # silently train on the CPU.
-        raise RuntimeError(f"{args.deepspeed_config} asks for {half[0]} but CUDA is not available "
+        raise RuntimeError(f"{args.deepspeed_config} asks for {half} but CUDA is not available "
                            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); check the driver, or "
                            "pass --allow_cpu to run on the CPU on purpose")
     if args.model:
