@@ -227,6 +227,24 @@ class _BroadcastFromFirstRank:
         return decision
 
 
+def _contiguous_parameters(model) -> list:
+    """Gives every parameter the standard strides; returns the 4-D ones that were channels_last.
+
+    DeepSpeed 0.19.8 broadcasts each parameter at initialize as ``p.data.view(torch.uint8)``, which needs a last
+    stride of 1: a channels_last convolution weight (``model.to(memory_format=torch.channels_last)``, as
+    ffcv-imagenet does) raises "self.stride(-1) must be 1 to view Float as Byte" there, 1x1 kernels included
+    (``is_contiguous()`` is true for them, the last stride is not 1).
+    """
+    channels_last = []
+    for p in model.parameters() if model is not None else ():
+        standard = torch.empty(p.shape, device="meta").stride()
+        if p.data.stride() != standard:
+            if p.dim() == 4 and p.data.is_contiguous(memory_format=torch.channels_last):
+                channels_last.append(p)
+            p.data = p.data.clone(memory_format=torch.contiguous_format)
+    return channels_last
+
+
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, config=None,
                steps_per_epoch: Optional[int] = None, total_epochs: Optional[int] = None, **kwargs):
     """``deepspeed.initialize`` that understands ``"scheduler": {"type": "AutoWU", ...}`` and
@@ -265,8 +283,16 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
         config["zero_allow_untested_optimizer"] = True
     elif isinstance(optimizer, torch.optim.Optimizer):
         _refuse_shape_dependent_client_optimizer(optimizer, config)
+    channels_last = _contiguous_parameters(model)
     engine, engine_optimizer, loader, scheduler = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, config=config, **kwargs)
+    if zero_stage(config) == 0:
+        # Without ZeRO the engine keeps the module's parameters: their layout can come back. ZeRO-1/2 rebind
+        # them to NCHW views of the flat buffer after every step; the activations stay channels_last (cuDNN
+        # follows the input) and each convolution re-lays out its weights (benchmarks/gpu_throughput.py
+        # measures what that costs).
+        for p in channels_last:
+            p.data = p.data.contiguous(memory_format=torch.channels_last)
     if isinstance(optimizer, ZeroAdamP):
         _declare_zero_partitions(engine, optimizer)
     if isinstance(scheduler, AutoWU):

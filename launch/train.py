@@ -132,7 +132,12 @@ def describe_recipe(engine, ds_config, device):
     norm = (f"SyncBatchNorm in {sync} layers ({sum(isinstance(m, SyncBatchNormAct) for m in modules)} with their "
             "activation, timm's)" if sync else "per-rank BatchNorm, running statistics averaged over ranks "
             "before each evaluation and checkpoint")
+    convs = [m.weight for m in modules if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1]
+    channels_last = sum(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     return {"optimizer": f"{type(basic).__module__}.{type(basic).__name__}",
+            "conv_weights": f"{channels_last} of {len(convs)} channels_last" + (
+                " (ZeRO binds them to NCHW views of its flat buffer)" if convs and autowu_ds.zero_stage(ds_config)
+                and channels_last < len(convs) else ""),
             "zero_stage": autowu_ds.zero_stage(ds_config),
             "precision": str(next(engine.module.parameters()).dtype).replace("torch.", ""),
             "batchnorm": norm, "device": device.type,

@@ -11,8 +11,10 @@ from autowu.data import DataConfig, TrainLoaderConfig, ValLoaderConfig, WriteCon
 from autowu.data import train_loader, val_loader, write_betons
 from autowu.data.digits import build_digits_folder
 from autowu.data.folders import list_image_folder, open_rgb
-from autowu.data.lighting import (FlipLightingNormalize, Lighting, flip_lighting_normalize_reference,
-                                  lighting_reference)
+from autowu.data.lighting import (FlipLightingNormalize, LightingBias, SeededHorizontalFlip,
+                                  flip_lighting_normalize_reference, lighting_offsets, sample_alphas,
+                                  sample_flips)
+from autowu.data.sample_rng import EpochCell
 from autowu.data.loaders import IMAGENET_MEAN, IMAGENET_STD
 from conftest import REPO, run_deepspeed
 
@@ -93,53 +95,84 @@ def test_train_loader_shapes_order_per_seed_and_lighting(digits):
     assert order(other) != order(seed0_epoch0)
     resumed, = epochs(train_loader(beton, config, seed=0, epoch=1))
     assert order(resumed) == order(seed0_epoch1)  # a resumed run reads epoch 1's order
-    # Augmented, not the same pixels twice; lighting moves whole images' colour.
-    assert not torch.equal(again[0][0], seed0_epoch0[0][0])
+    # Augmentation from (seed, epoch, sample): the same seed gives the same pixels, a resume its unbroken self's.
+    pixels = lambda batches: torch.cat([x for x, _ in batches])  # noqa: E731
+    assert torch.equal(pixels(again), pixels(seed0_epoch0))
+    assert torch.equal(pixels(resumed), pixels(seed0_epoch1))
+    assert not torch.equal(pixels(other)[:32], pixels(seed0_epoch0)[:32])
 
 
-def test_lighting_matches_numpy_compiled_and_not():
+def test_gpu_style_lighting_bias_computes_the_cpu_paths_augmentation(digits):
+    """The GPU path (flip on uint8, normalise, lighting added as a per-image bias) against the CPU's fused
+    pass, on the same images, seed and epoch: the same augmentation."""
+    _, out, _ = digits
+    beton = os.path.join(out, "train.beton")
+    config = TrainLoaderConfig(resolution=24, batch_size=64, num_workers=1, flip=True, lighting_alphastd=0.1)
+    fused = train_loader(beton, config, seed=3, epoch=2)
+    on_batch = train_loader(beton, config, seed=3, epoch=2, lighting_on_batch=True)
+    no_lighting = train_loader(beton, TrainLoaderConfig(**{**config.__dict__, "lighting_alphastd": 0.0}),
+                               seed=3, epoch=2, lighting_on_batch=True)
+    assert not fused.adds_lighting_bias and on_batch.adds_lighting_bias and not no_lighting.adds_lighting_bias
+    for (a, la), (b, lb), (c, _) in zip(fused, on_batch, no_lighting):
+        assert torch.equal(la, lb)
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+        # the lighting moves each image by one colour offset: (a - c) is constant over each image's pixels
+        shift = (a - c).flatten(2)
+        assert shift.std(dim=2).max() < 1e-4 and shift.mean(dim=2).abs().max() > 1e-3
+
+
+def _compiled(op, enabled):
     from ffcv.pipeline.compiler import Compiler
-    rng = np.random.default_rng(1)
-    images = rng.integers(0, 256, (6, 9, 7, 3), dtype=np.uint8)
-    indices = np.array([11, 4, 8, 2, 9, 0])
-    np.random.seed(5 + 11)
-    expected = lighting_reference(images, np.random.normal(0.0, 0.1, (6, 3)))
-    assert not np.array_equal(expected, images)
+    Compiler.set_enabled(enabled)
     try:
-        for enabled in (True, False):
-            Compiler.set_enabled(enabled)
-            code = Compiler.compile(Lighting(0.1, seed=5).generate_code())
-            got = code(images, np.empty_like(images), indices)
-            np.testing.assert_array_equal(got, expected)
+        return Compiler.compile(op.generate_code())
     finally:
         Compiler.set_enabled(True)
-    Compiler.set_enabled(True)
-    unseeded = Compiler.compile(Lighting(0.1).generate_code())
-    a = unseeded(images, np.empty_like(images), indices)
-    b = unseeded(images, np.empty_like(images), indices)
-    assert not np.array_equal(a, b)
-    with pytest.raises(ValueError, match="alphastd"):
-        Lighting(-1.0)
 
 
 def test_fused_cpu_tail_matches_numpy_compiled_and_not():
-    from ffcv.pipeline.compiler import Compiler
     rng = np.random.default_rng(3)
     images = rng.integers(0, 256, (8, 5, 6, 3), dtype=np.uint8)
     indices = np.array([3, 1, 4, 1, 5, 9, 2, 6])
-    np.random.seed(7 + 3)
-    alphas = np.random.normal(0.0, 0.1, (8, 3))
-    flips = np.random.rand(8) < 0.5
-    assert 0 < flips.sum() < 8
+    cell = EpochCell(2)
+    alphas, flips = sample_alphas(7, 2, indices, 0.1), sample_flips(7, 2, indices, 0.5)
+    assert 0 < flips.sum() < 8 and np.array_equal(alphas[1], alphas[3])  # sample 1 twice: the same draws
     expected = flip_lighting_normalize_reference(images, flips, alphas, IMAGENET_MEAN, IMAGENET_STD)
-    op = FlipLightingNormalize(IMAGENET_MEAN, IMAGENET_STD, flip_prob=0.5, alphastd=0.1, seed=7)
-    try:
-        for enabled in (True, False):
-            Compiler.set_enabled(enabled)
-            got = Compiler.compile(op.generate_code())(images, np.empty(images.shape, np.float32), indices)
-            np.testing.assert_allclose(got, expected, atol=1e-4)
-    finally:
-        Compiler.set_enabled(True)
+    op = FlipLightingNormalize(IMAGENET_MEAN, IMAGENET_STD, flip_prob=0.5, alphastd=0.1, seed=7, epoch_cell=cell)
+    for enabled in (True, False):
+        got = _compiled(op, enabled)(images, np.empty(images.shape, np.float32), indices)
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+    code = _compiled(op, True)
+    cell.set(3)  # the compiled code reads the epoch at run time
+    next_epoch = code(images, np.empty(images.shape, np.float32), indices)
+    expected = flip_lighting_normalize_reference(images, sample_flips(7, 3, indices, 0.5),
+                                                 sample_alphas(7, 3, indices, 0.1), IMAGENET_MEAN, IMAGENET_STD)
+    np.testing.assert_allclose(next_epoch, expected, atol=1e-4)
+    with pytest.raises(ValueError, match="alphastd"):
+        FlipLightingNormalize(IMAGENET_MEAN, IMAGENET_STD, alphastd=-1.0)
+
+
+def test_flip_and_lighting_bias_ops_draw_per_sample():
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (16, 4, 5, 3), dtype=np.uint8)
+    indices = np.arange(100, 116)
+    cell = EpochCell(1)
+    flips = sample_flips(9, 1, indices, 0.5)
+    expected = images.copy()
+    expected[flips] = expected[flips][:, :, ::-1]
+    bias = _compiled(LightingBias(IMAGENET_STD, 0.1, seed=9, epoch_cell=cell), True)(
+        np.zeros((16, 1), np.int64), np.empty((16, 3), np.float32), indices)
+    np.testing.assert_allclose(bias, lighting_offsets(sample_alphas(9, 1, indices, 0.1)) / IMAGENET_STD, rtol=1e-5)
+    # alphas ~ N(0, 0.1) per component; offsets of fractions of a level, not rounded to whole levels.
+    alphas = sample_alphas(0, 0, range(4000), 0.1)
+    assert np.allclose(alphas.std(0), 0.1, rtol=0.06) and np.allclose(alphas.mean(0), 0.0, atol=0.006)
+    assert np.abs(np.corrcoef(alphas.T) - np.eye(3)).max() < 0.06
+    offsets = lighting_offsets(alphas)
+    assert np.abs(offsets - np.rint(offsets)).mean() > 0.2
+    for enabled in (True, False):
+        got = _compiled(SeededHorizontalFlip(0.5, seed=9, epoch_cell=cell), enabled)(
+            images, np.empty_like(images), indices)
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_shards_on_two_ranks_are_disjoint_and_cover_the_set(tmp_path):

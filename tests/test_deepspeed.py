@@ -99,3 +99,17 @@ def test_config_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="choose one"):
         initialize(model=model, config={"scheduler": {"type": "AutoWU", "params": {}}}, steps_per_epoch=1,
                    total_epochs=1, lr_scheduler=object())
+
+
+def test_a_channels_last_model_initializes_and_trains_as_in_nchw(tmp_path):
+    """DeepSpeed 0.19.8's initialize raised on channels_last weights (its broadcast views them as bytes): the
+    launcher's channels_last ResNet-50 would have died before its first step on a GPU."""
+    out = tmp_path / "channels_last.json"
+    proc = run_deepspeed([REPO / "tests" / "ds_scripts" / "channels_last.py", "--out", out])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    # No ZeRO: the layout comes back after initialize; ZeRO-1 binds the weights to its flat buffer (NCHW).
+    assert results["no_zero_adam"]["channels_last_after_initialize"] == [True, True, True]
+    assert results["zero1_adamp"]["channels_last_after_initialize"][:2] == [False, False]
+    for name in results:
+        assert results[name]["max_difference_to_nchw_run"] < 1e-5, (name, results[name])

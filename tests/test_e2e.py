@@ -75,6 +75,40 @@ def test_train_switch_accuracy_and_resume(betons, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
 
+def test_same_seed_same_run_and_a_killed_run_resumes_as_its_unbroken_self(betons, tmp_path):
+    """Every random augmentation is drawn from (seed, epoch, sample index): two runs with one seed are the same
+    run (losses, AutoWU's tests, switch step, peak LR), and a run that dies at epoch 7 and resumes from its
+    epoch-5 checkpoint goes on exactly as the unbroken one (on 2 CPU ranks)."""
+    base = [REPO / "launch" / "train.py", "--deepspeed_config", CONFIG, "--data_dir", betons, "--epochs", "12"]
+    unbroken = run_deepspeed(base + ["--out_dir", tmp_path / "unbroken"])
+    assert unbroken.returncode == 0, unbroken.stdout[-3000:] + unbroken.stderr[-3000:]
+    killed = run_deepspeed(base + ["--out_dir", tmp_path / "killed", "--stop_after_epoch", "7"])
+    assert killed.returncode == 0, killed.stdout[-3000:] + killed.stderr[-3000:]
+    # As if killed during epoch 8 with only the epoch-5 checkpoint written: epochs 6-7 are trained again.
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    (checkpoints / "latest").write_text("epoch5")
+    resumed = run_deepspeed(base + ["--out_dir", tmp_path / "killed", "--resume"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "at epoch 5" in resumed.stdout
+
+    def by_step(records, kind, keys):
+        return {r["step"]: tuple(r[k] for k in keys) for r in records if r["kind"] == kind}
+
+    first, second = read_log(tmp_path / "unbroken"), read_log(tmp_path / "killed")
+    train_keys, test_keys = ("loss", "lr"), ("probability", "votes", "argmin_lr", "passed", "switched")
+    unbroken_train = by_step(first, "train", train_keys)
+    assert len(unbroken_train) >= 20
+    # Every logged step, including the ones trained twice (before the kill and after the resume), matches.
+    for record in (r for r in second if r["kind"] == "train"):
+        assert (record["loss"], record["lr"]) == unbroken_train[record["step"]], record
+    assert by_step(second, "autowu_test", test_keys) == by_step(first, "autowu_test", test_keys)
+    final_first, final_second = first[-1], second[-1]
+    assert final_first["kind"] == final_second["kind"] == "final"
+    assert final_first["switch_step"] is not None
+    assert (final_second["switch_step"], final_second["peak_lr"], final_second["top1"]) == \
+        (final_first["switch_step"], final_first["peak_lr"], final_first["top1"])
+
+
 def test_the_launcher_runs_a_reference_warmup_cosine_schedule(betons, tmp_path):
     """ds_configs/cpu_digits_cosine.json: DeepSpeed's WarmupCosineLR to the optimizer block's peak LR, with step
     counts "auto" (the run's steps, 5% warmup): AutoWU against the schedule a user knows, like with like."""

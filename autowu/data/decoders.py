@@ -1,26 +1,35 @@
-"""FFCV's random-resized-crop decoder with a faster resize.
+"""FFCV's random-resized-crop decoder, seeded per sample and with a faster resize.
 
-FFCV 1.0.2 resizes every crop with OpenCV's INTER_AREA, ~0.6-1 ms an image on this CPU even for ratios near 1:
+Crops: FFCV 1.0.2 draws them from numba's unseeded per-thread generators; here each crop comes from
+(seed, epoch, sample index) (``sample_rng``), FFCV's procedure otherwise (10 tries of scale and log-ratio, then
+the centre fallback).
+
+Resize: FFCV resizes every crop with OpenCV's INTER_AREA, ~0.6-1 ms an image on this CPU even for ratios near 1:
 as much as decoding the JPEG. ``autowu/data/_fast_resize.cpp`` (built by setup.py against the same OpenCV)
 resizes with INTER_LINEAR while the crop is under twice the output size either way (bilinear then reads every
-source pixel's neighbourhood: nothing to average away) and with INTER_AREA beyond. Same crops, same
-arguments, same output as FFCV's decoder otherwise. If the extension was not built, FFCV's resize is used.
+source pixel's neighbourhood: nothing to average away) and with INTER_AREA beyond. If the extension was not
+built, FFCV's resize is used.
 """
 from __future__ import annotations
 
 import ctypes
 import glob
 import os
-from typing import Callable
+from typing import Callable, Optional, Tuple
 
+import numba
 import numpy as np
-from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder, get_random_crop
-from ffcv.libffcv import imdecode
+from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder
+from ffcv.libffcv import imdecode, resize_crop
 from ffcv.pipeline.compiler import Compiler
+
+from .sample_rng import CROP_DRAWS, EpochCell, read_cell, uniform
 
 
 def _load_fast_resize():
-    found = glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_fast_resize*.so"))
+    # AUTOWU_FAST_RESIZE: a library built elsewhere (the GPU check kit's, next to the OpenCV it bundles).
+    found = [os.environ["AUTOWU_FAST_RESIZE"]] if os.environ.get("AUTOWU_FAST_RESIZE") else glob.glob(
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "_fast_resize*.so"))
     if not found:
         return None
     function = ctypes.CDLL(found[0]).autowu_resize_crop
@@ -39,25 +48,63 @@ def fast_resize_crop(source, start_row, end_row, start_col, end_col, destination
                  destination.ctypes.data, destination.shape[0], destination.shape[1])
 
 
-class FastRandomResizedCropDecoder(RandomResizedCropRGBImageDecoder):
-    """``RandomResizedCropRGBImageDecoder`` (same arguments) with ``fast_resize_crop``."""
+@numba.njit(cache=False)
+def seeded_random_crop(height, width, scale, ratio, seed, epoch, index):
+    """FFCV's ``get_random_crop`` (torchvision's RandomResizedCrop), its draws from (seed, epoch, index)."""
+    height, width = np.int64(height), np.int64(width)
+    area = height * width
+    log_ratio = np.log(ratio)
+    for attempt in range(10):
+        u_scale = uniform(seed, epoch, index, CROP_DRAWS + 2 * attempt)
+        u_ratio = uniform(seed, epoch, index, CROP_DRAWS + 2 * attempt + 1)
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * u_scale)
+        aspect_ratio = np.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u_ratio)
+        w = int(round(np.sqrt(target_area * aspect_ratio)))
+        h = int(round(np.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            i = int(uniform(seed, epoch, index, CROP_DRAWS + 20) * (height - h + 1))
+            j = int(uniform(seed, epoch, index, CROP_DRAWS + 21) * (width - w + 1))
+            return i, j, h, w
+    in_ratio = float(width) / float(height)
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w = width
+        h = height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class SeededRandomResizedCropDecoder(RandomResizedCropRGBImageDecoder):
+    """``RandomResizedCropRGBImageDecoder`` whose crops come from (seed, epoch, sample index), with
+    ``fast_resize_crop`` when it was built. ``epoch_cell`` is the loader's (``TrainLoader`` sets it)."""
+
+    def __init__(self, output_size: Tuple[int, int], scale: Tuple[float, float] = (0.08, 1.0),
+                 ratio: Tuple[float, float] = (3 / 4, 4 / 3), seed: int = 0,
+                 epoch_cell: Optional[EpochCell] = None):
+        super().__init__(output_size, scale=scale, ratio=ratio)
+        self.seed = int(seed)
+        self.epoch_cell = epoch_cell if epoch_cell is not None else EpochCell()
 
     def generate_code(self) -> Callable:
-        if not HAVE_FAST_RESIZE:
-            return super().generate_code()
-        # FFCV's decode loop (ffcv/fields/rgb_image.py, ResizedCropRGBImageDecoder), with the resize swapped.
+        # FFCV's decode loop (ffcv/fields/rgb_image.py, ResizedCropRGBImageDecoder), crop and resize swapped.
         jpg = IMAGE_MODES["jpg"]
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
         imdecode_c = Compiler.compile(imdecode)
-        resize_crop_c = Compiler.compile(fast_resize_crop)
-        get_crop_c = Compiler.compile(get_random_crop)
+        resize_crop_c = Compiler.compile(fast_resize_crop if HAVE_FAST_RESIZE else resize_crop)
         scale, ratio = np.array(self.scale), np.array(self.ratio)
+        seed, cell = self.seed, self.epoch_cell.address
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
+            epoch = read_cell(cell)
             for dst_ix in my_range(len(batch_indices)):
-                field = metadata[batch_indices[dst_ix]]
+                sample = batch_indices[dst_ix]
+                field = metadata[sample]
                 image_data = mem_read(field["data_ptr"], storage_state)
                 height = np.uint32(field["height"])
                 width = np.uint32(field["width"])
@@ -67,7 +114,7 @@ class FastRandomResizedCropDecoder(RandomResizedCropRGBImageDecoder):
                     temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
                     temp_buffer = image_data.reshape(height, width, 3)
-                i, j, h, w = get_crop_c(height, width, scale, ratio)
+                i, j, h, w = seeded_random_crop(height, width, scale, ratio, seed, epoch, sample)
                 resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
             return destination[:len(batch_indices)]
 

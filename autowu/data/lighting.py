@@ -1,8 +1,16 @@
-"""PCA lighting noise (AlexNet's, in the paper's recipe) as an FFCV operation compiled with numba.
+"""Horizontal flip and PCA lighting noise (AlexNet's, in the paper's recipe) as FFCV operations, seeded per sample.
 
-Each image gets ``eigvec @ (alpha * eigval)``, ``alpha ~ N(0, alphastd)`` per channel, added to every pixel.
-The paper adds it to [0, 1] images; here it runs on the decoded uint8 HWC images before normalisation (x255,
-rounded, clipped), so the rest of the pipeline is ffcv-imagenet's, including GPU normalisation to fp16.
+Lighting: each image gets ``eigvec @ (alpha * eigval)``, ``alpha ~ N(0, alphastd)`` per channel, added to every
+pixel, unrounded and unclipped as in the paper's code. The paper adds it to [0, 1] images; here to [0, 255]
+ones (x255), before normalisation. All draws come from (seed, epoch, sample index) (``sample_rng``), so the CPU
+and GPU paths, and a resumed run, compute the same augmentation:
+
+- CPU: ``FlipLightingNormalize``, one fused pass uint8 -> float32: flip, then ``x * inv_std + bias`` with the
+  lighting offset folded into each image's bias.
+- GPU: ``SeededHorizontalFlip`` on uint8, FFCV's normalisation on the device, and the lighting added there as
+  a per-image bias in normalised units (``LightingBias``, a 3-number output drawn on the host from the label
+  field's pipeline and shipped with the batch; ``TrainLoader`` adds it). No extra pass over uint8 pixels on the
+  CPU, which is the loader's bottleneck for ResNet-50, and no rounding of offsets of 0.1-3 levels.
 """
 from __future__ import annotations
 
@@ -14,6 +22,8 @@ from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
+
+from .sample_rng import FLIP_DRAW, LIGHTING_DRAWS, EpochCell, normal, read_cell, uniform
 
 IMAGENET_EIGVAL = np.array([0.2175, 0.0188, 0.0045])
 IMAGENET_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
@@ -27,67 +37,26 @@ def _require_decoded_images(operation: Operation, state: State) -> None:
                          f"{state.shape}: put it before ToTensor and normalisation")
 
 
+def _check_probabilities(name: str, alphastd: float, flip_prob: float = 0.5) -> None:
+    if alphastd < 0 or not 0 <= flip_prob <= 1:
+        raise ValueError(f"{name}: need alphastd >= 0 and 0 <= flip_prob <= 1, got {alphastd}, {flip_prob}")
+
+
 def lighting_offsets(alphas: np.ndarray, eigval: np.ndarray = IMAGENET_EIGVAL,
                      eigvec: np.ndarray = IMAGENET_EIGVEC) -> np.ndarray:
     """Per-image RGB offsets in uint8 units from per-image ``alphas`` (n x 3)."""
     return 255.0 * (alphas * eigval) @ eigvec.T
 
 
-def lighting_reference(images: np.ndarray, alphas: np.ndarray, eigval: np.ndarray = IMAGENET_EIGVAL,
-                       eigvec: np.ndarray = IMAGENET_EIGVEC) -> np.ndarray:
-    """Plain numpy: what the operation computes for a batch (n x H x W x 3 uint8) and its alphas."""
-    offsets = lighting_offsets(alphas, eigval, eigvec)[:, None, None, :]
-    return np.clip(np.rint(images.astype(np.float64) + offsets), 0, 255).astype(np.uint8)
+def sample_alphas(seed: int, epoch: int, indices, alphastd: float) -> np.ndarray:
+    """The lighting alphas (n x 3) the operations draw for these samples."""
+    return np.array([[alphastd * normal(seed, epoch, int(i), LIGHTING_DRAWS + c) for c in range(3)]
+                     for i in indices]).reshape(len(indices), 3)
 
 
-class Lighting(Operation):
-    """FFCV operation: PCA lighting noise on uint8 HWC images (CPU side, before ``ToTensor``).
-
-    ``seed``: when given, each batch's alphas come from ``seed`` and the batch's first sample index, so the
-    same batch gets the same noise (as FFCV's Mixup seeds itself); by default they are fresh every batch.
-    """
-
-    def __init__(self, alphastd: float = 0.1, eigval: np.ndarray = IMAGENET_EIGVAL,
-                 eigvec: np.ndarray = IMAGENET_EIGVEC, seed: Optional[int] = None):
-        super().__init__()
-        if alphastd < 0:
-            raise ValueError(f"Lighting: alphastd must be >= 0, got {alphastd}")
-        self.alphastd = float(alphastd)
-        self.eigval = np.asarray(eigval, dtype=np.float64)
-        self.eigvec = np.asarray(eigvec, dtype=np.float64)
-        self.seed = seed
-
-    def generate_code(self) -> Callable:
-        parallel_range = Compiler.get_iterator()
-        alphastd = self.alphastd
-        scaled_eigvec_t = 255.0 * self.eigvec.T.copy()  # offsets = (alpha * eigval) @ (255 eigvec^T)
-        eigval = self.eigval.copy()
-        seeded = self.seed is not None
-        seed = 0 if self.seed is None else int(self.seed)
-
-        def lighting(images, dst, indices):
-            num_images = images.shape[0]
-            if seeded:
-                np.random.seed(seed + indices[0])
-            alphas = np.random.normal(0.0, alphastd, (num_images, 3))
-            offsets = (alphas * eigval) @ scaled_eigvec_t
-            height, width = images.shape[1], images.shape[2]
-            for i in parallel_range(num_images):
-                for c in range(3):
-                    offset = offsets[i, c]
-                    for y in range(height):
-                        for x in range(width):
-                            value = np.rint(images[i, y, x, c] + offset)
-                            dst[i, y, x, c] = min(max(value, 0.0), 255.0)
-            return dst
-
-        lighting.is_parallel = True
-        lighting.with_indices = True
-        return lighting
-
-    def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Optional[AllocationQuery]]:
-        _require_decoded_images(self, previous_state)
-        return replace(previous_state, jit_mode=True), AllocationQuery(previous_state.shape, previous_state.dtype)
+def sample_flips(seed: int, epoch: int, indices, flip_prob: float) -> np.ndarray:
+    """Which of these samples the operations flip."""
+    return np.array([uniform(seed, epoch, int(i), FLIP_DRAW) < flip_prob for i in indices], dtype=bool)
 
 
 def flip_lighting_normalize_reference(images: np.ndarray, flips: np.ndarray, alphas: np.ndarray,
@@ -100,28 +69,33 @@ def flip_lighting_normalize_reference(images: np.ndarray, flips: np.ndarray, alp
     return ((out - mean) / std).astype(np.float32)
 
 
-class FlipLightingNormalize(Operation):
+class _Seeded(Operation):
+    """An operation whose draws come from (seed, the loader's epoch, sample index)."""
+
+    def __init__(self, seed: int = 0, epoch_cell: Optional[EpochCell] = None):
+        super().__init__()
+        self.seed = int(seed)
+        self.epoch_cell = epoch_cell if epoch_cell is not None else EpochCell()
+
+
+class FlipLightingNormalize(_Seeded):
     """The CPU path's fused tail: horizontal flip, PCA lighting and normalisation in one pass, uint8 -> float32.
 
-    On a CPU every extra pass over the batch costs: separately, FFCV's flip, ``Lighting`` and FFCV's
-    ``NormalizeImage`` run at ~1,100 images/s on 2 cores; fused, at ~1,400 (benchmarks/RESULTS.md). On a GPU
-    the pipeline keeps ``Lighting`` on uint8 and normalises on the device.
+    On a CPU every extra pass over the batch costs: separately, FFCV's flip, a lighting pass and FFCV's
+    ``NormalizeImage`` run at ~1,100 images/s on 2 cores; fused, at ~1,400 (benchmarks/RESULTS.md).
     """
 
     def __init__(self, mean: np.ndarray, std: np.ndarray, flip_prob: float = 0.5, alphastd: float = 0.1,
-                 eigval: np.ndarray = IMAGENET_EIGVAL, eigvec: np.ndarray = IMAGENET_EIGVEC,
-                 seed: Optional[int] = None):
-        super().__init__()
-        if alphastd < 0 or not 0 <= flip_prob <= 1:
-            raise ValueError(f"FlipLightingNormalize: need alphastd >= 0 and 0 <= flip_prob <= 1, "
-                             f"got {alphastd}, {flip_prob}")
+                 eigval: np.ndarray = IMAGENET_EIGVAL, eigvec: np.ndarray = IMAGENET_EIGVEC, seed: int = 0,
+                 epoch_cell: Optional[EpochCell] = None):
+        super().__init__(seed, epoch_cell)
+        _check_probabilities("FlipLightingNormalize", alphastd, flip_prob)
         self.mean = np.asarray(mean, dtype=np.float64)
         self.std = np.asarray(std, dtype=np.float64)
         self.flip_prob = float(flip_prob)
         self.alphastd = float(alphastd)
         self.eigval = np.asarray(eigval, dtype=np.float64)
         self.eigvec = np.asarray(eigvec, dtype=np.float64)
-        self.seed = seed
 
     def generate_code(self) -> Callable:
         parallel_range = Compiler.get_iterator()
@@ -130,21 +104,20 @@ class FlipLightingNormalize(Operation):
         eigval = self.eigval.copy()
         inv_std = (1.0 / self.std).astype(np.float32)
         mean = self.mean.copy()
-        seeded = self.seed is not None
-        seed = 0 if self.seed is None else int(self.seed)
+        seed, cell = self.seed, self.epoch_cell.address
 
         def flip_lighting_normalize(images, dst, indices):
-            num_images = images.shape[0]
-            if seeded:
-                np.random.seed(seed + indices[0])
-            alphas = np.random.normal(0.0, alphastd, (num_images, 3))
-            flips = np.random.rand(num_images) < flip_prob
-            # (x + offset - mean) / std = x * inv_std + bias, with the lighting offset folded into the bias
-            bias = (((alphas * eigval) @ scaled_eigvec_t - mean) * inv_std).astype(np.float32)
+            epoch = read_cell(cell)
             height, width = images.shape[1], images.shape[2]
-            for i in parallel_range(num_images):
-                flip = flips[i]
-                b0, b1, b2 = bias[i, 0], bias[i, 1], bias[i, 2]
+            for i in parallel_range(images.shape[0]):
+                sample = indices[i]
+                flip = uniform(seed, epoch, sample, FLIP_DRAW) < flip_prob
+                alphas = np.empty(3)
+                for c in range(3):
+                    alphas[c] = alphastd * normal(seed, epoch, sample, LIGHTING_DRAWS + c)
+                # (x + offset - mean) / std = x * inv_std + bias, with the lighting offset folded into the bias
+                bias = (((alphas * eigval) @ scaled_eigvec_t - mean) * inv_std).astype(np.float32)
+                b0, b1, b2 = bias[0], bias[1], bias[2]
                 for y in range(height):
                     for x in range(width):
                         sx = width - 1 - x if flip else x
@@ -161,3 +134,68 @@ class FlipLightingNormalize(Operation):
         _require_decoded_images(self, previous_state)
         new_state = replace(previous_state, jit_mode=True, dtype=np.dtype(np.float32))
         return new_state, AllocationQuery(previous_state.shape, np.dtype(np.float32))
+
+
+class SeededHorizontalFlip(_Seeded):
+    """FFCV's ``RandomHorizontalFlip`` on uint8 HWC images, each sample's coin from (seed, epoch, index)."""
+
+    def __init__(self, flip_prob: float = 0.5, seed: int = 0, epoch_cell: Optional[EpochCell] = None):
+        super().__init__(seed, epoch_cell)
+        _check_probabilities("SeededHorizontalFlip", 0.0, flip_prob)
+        self.flip_prob = float(flip_prob)
+
+    def generate_code(self) -> Callable:
+        parallel_range = Compiler.get_iterator()
+        flip_prob, seed, cell = self.flip_prob, self.seed, self.epoch_cell.address
+
+        def flip(images, dst, indices):
+            epoch = read_cell(cell)
+            for i in parallel_range(images.shape[0]):
+                if uniform(seed, epoch, indices[i], FLIP_DRAW) < flip_prob:
+                    dst[i] = images[i, :, ::-1]
+                else:
+                    dst[i] = images[i]
+            return dst
+
+        flip.is_parallel = True
+        flip.with_indices = True
+        return flip
+
+    def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Optional[AllocationQuery]]:
+        _require_decoded_images(self, previous_state)
+        return replace(previous_state, jit_mode=True), AllocationQuery(previous_state.shape, previous_state.dtype)
+
+
+class LightingBias(_Seeded):
+    """Each image's lighting offset in normalised units, ``offset / std`` (n x 3 float32), from any per-sample
+    field (the label's pipeline): the device adds it to the normalised batch, ``TrainLoader`` does so."""
+
+    def __init__(self, std: np.ndarray, alphastd: float = 0.1, eigval: np.ndarray = IMAGENET_EIGVAL,
+                 eigvec: np.ndarray = IMAGENET_EIGVEC, seed: int = 0, epoch_cell: Optional[EpochCell] = None):
+        super().__init__(seed, epoch_cell)
+        _check_probabilities("LightingBias", alphastd)
+        self.std = np.asarray(std, dtype=np.float64)
+        self.alphastd = float(alphastd)
+        self.eigval = np.asarray(eigval, dtype=np.float64)
+        self.eigvec = np.asarray(eigvec, dtype=np.float64)
+
+    def generate_code(self) -> Callable:
+        alphastd, eigval = self.alphastd, self.eigval.copy()
+        scaled_eigvec_t = (255.0 * self.eigvec.T) / self.std[None, :]
+        seed, cell = self.seed, self.epoch_cell.address
+
+        def lighting_bias(labels, dst, indices):
+            epoch = read_cell(cell)
+            alphas = np.empty(3)
+            for i in range(labels.shape[0]):
+                for c in range(3):
+                    alphas[c] = alphastd * normal(seed, epoch, indices[i], LIGHTING_DRAWS + c)
+                dst[i] = ((alphas * eigval) @ scaled_eigvec_t).astype(np.float32)
+            return dst
+
+        lighting_bias.with_indices = True
+        return lighting_bias
+
+    def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Optional[AllocationQuery]]:
+        new_state = replace(previous_state, jit_mode=True, shape=(3,), dtype=np.dtype(np.float32))
+        return new_state, AllocationQuery((3,), np.dtype(np.float32))

@@ -1,10 +1,12 @@
 """FFCV train and validation loaders for the engine.
 
 Train: random-resized crop, horizontal flip, PCA lighting noise, normalisation; val: center crop at 224/256.
+Every random augmentation is drawn from (seed, epoch, sample index) (``sample_rng``): two runs with one seed see
+the same batches, and a resumed run sees its unbroken self's.
 On a GPU the output is ffcv-imagenet's: uint8 to the device, channels-last, normalised there to fp16 (FFCV's GPU
-``NormalizeImage``, which needs cupy: ``pip install autowu[gpu]``). On a CPU everything numpy-side runs before
-``ToTensor()``: FFCV 1.0.2 loops forever on a jitted, non-jitted, jitted chain (issue #396), so normalisation
-must come before the tensor conversion there.
+``NormalizeImage``, which needs cupy: ``pip install autowu[gpu]``), plus each image's lighting as a bias added
+on the device. On a CPU everything numpy-side runs before ``ToTensor()``: FFCV 1.0.2 loops forever on a jitted,
+non-jitted, jitted chain (issue #396), so normalisation must come before the tensor conversion there.
 
 Each data-parallel rank reads its own shard (FFCV's distributed mode wraps torch's DistributedSampler).
 """
@@ -18,8 +20,9 @@ import torch
 import torch.distributed as dist
 
 from .config import TrainLoaderConfig, ValLoaderConfig
-from .decoders import FastRandomResizedCropDecoder
-from .lighting import FlipLightingNormalize, Lighting
+from .decoders import SeededRandomResizedCropDecoder
+from .lighting import FlipLightingNormalize, LightingBias, SeededHorizontalFlip
+from .sample_rng import EpochCell
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406]) * 255
 IMAGENET_STD = np.array([0.229, 0.224, 0.225]) * 255
@@ -119,13 +122,53 @@ def _image_tail(device: torch.device, dtype) -> List:
             ToTensor(), ToTorchImage()]
 
 
+class _TrainLoader:
+    """Mixed into FFCV's ``Loader`` (built lazily, ffcv is optional): sets the augmentations' epoch before each
+    epoch and, when the lighting travels as a per-image bias, adds it to the normalised batch."""
+
+    def __init__(self, *args, epoch_cell: EpochCell, adds_lighting_bias: bool, **kwargs):
+        self.epoch_cell, self.adds_lighting_bias = epoch_cell, adds_lighting_bias
+        self._epoch_iterator = None
+        super().__init__(*args, **kwargs)
+
+    def _start_epoch(self):
+        previous = self._epoch_iterator
+        if previous is not None and previous.is_alive():
+            # An epoch left unfinished: its thread still decodes ahead, and would read the next epoch's number.
+            previous.close()
+            previous.join()
+        self.epoch_cell.set(self.next_epoch)
+
+    def __iter__(self):
+        self._start_epoch()
+        self._epoch_iterator = super().__iter__()
+        if not self.adds_lighting_bias:
+            return self._epoch_iterator
+        return self._add_lighting(self._epoch_iterator)
+
+    @staticmethod
+    def _add_lighting(batches):
+        for images, labels, bias in batches:
+            images.add_(bias.to(images.dtype).view(-1, 3, 1, 1))
+            yield images, labels
+
+
+def _train_loader_class():
+    from ffcv.loader import Loader
+    return type("TrainLoader", (_TrainLoader, Loader), {})
+
+
 def train_loader(path: str, config: TrainLoaderConfig, device="cpu", distributed: bool = False,
-                 seed: int = 0, epoch: int = 0, lighting_seed: Optional[int] = None, dtype=None,
-                 indices=None):
-    """The training loader. ``epoch`` sets where the sample order starts (a resumed run passes its epoch;
-    FFCV does not checkpoint it)."""
-    from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
+                 seed: int = 0, epoch: int = 0, dtype=None, indices=None,
+                 lighting_on_batch: Optional[bool] = None):
+    """The training loader. ``epoch`` sets where the sample order and the augmentations start (a resumed run
+    passes its epoch; FFCV does not checkpoint it). ``seed`` seeds both. ``lighting_on_batch``: add the
+    lighting to the normalised batch as a per-image bias (the GPU path; default on CUDA and for non-float32
+    output) instead of the CPU's fused flip-lighting-normalise pass; both compute the same augmentation."""
+    from ffcv.fields.decoders import IntDecoder
+    from ffcv.loader import OrderOption
+    from ffcv.pipeline import PipelineSpec
+    from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
     device = torch.device(device)
     info = beton_info(path)
@@ -137,25 +180,33 @@ def train_loader(path: str, config: TrainLoaderConfig, device="cpu", distributed
     if config.order == "quasi_random" and distributed:
         raise ValueError("train.order quasi_random does not work with distributed loading in FFCV 1.0.2; "
                          "use random")
-    image = [FastRandomResizedCropDecoder((config.resolution, config.resolution), scale=tuple(config.scale),
-                                              ratio=tuple(config.ratio))]
-    if device.type == "cuda" or dtype not in (None, np.float32):
+    if lighting_on_batch is None:
+        lighting_on_batch = device.type == "cuda" or dtype not in (None, np.float32)
+    cell = EpochCell(epoch)
+    image = [SeededRandomResizedCropDecoder((config.resolution, config.resolution), scale=tuple(config.scale),
+                                            ratio=tuple(config.ratio), seed=seed, epoch_cell=cell)]
+    pipelines = {"image": image, "label": _label_pipeline(device)}
+    adds_lighting_bias = lighting_on_batch and config.lighting_alphastd > 0
+    if lighting_on_batch:
         if config.flip:
-            image.append(RandomHorizontalFlip())
-        if config.lighting_alphastd > 0:
-            image.append(Lighting(config.lighting_alphastd, seed=lighting_seed))
+            image.append(SeededHorizontalFlip(0.5, seed=seed, epoch_cell=cell))
         image += _image_tail(device, dtype)
+        if adds_lighting_bias:
+            bias = [LightingBias(IMAGENET_STD, config.lighting_alphastd, seed=seed, epoch_cell=cell), ToTensor()]
+            if device.type == "cuda":
+                bias.append(ToDevice(device, non_blocking=True))
+            pipelines["lighting"] = PipelineSpec("label", decoder=IntDecoder(), transforms=bias)
     else:  # CPU: one fused pass for flip, lighting and normalisation, then the tensor conversion
         image += [FlipLightingNormalize(IMAGENET_MEAN, IMAGENET_STD, flip_prob=0.5 if config.flip else 0.0,
-                                        alphastd=config.lighting_alphastd, seed=lighting_seed),
+                                        alphastd=config.lighting_alphastd, seed=seed, epoch_cell=cell),
                   ToTensor(), ToTorchImage()]
     order = OrderOption.QUASI_RANDOM if config.order == "quasi_random" else OrderOption.RANDOM
     warn_if_page_cache_too_small(path, config.os_cache)
-    loader = Loader(path, batch_size=config.batch_size, num_workers=loader_workers(config.num_workers),
-                    os_cache=config.os_cache,
-                    order=order, distributed=distributed, seed=seed, drop_last=config.drop_last,
-                    batches_ahead=config.batches_ahead, indices=indices,
-                    pipelines={"image": image, "label": _label_pipeline(device)})
+    loader = _train_loader_class()(path, epoch_cell=cell, adds_lighting_bias=adds_lighting_bias,
+                                   batch_size=config.batch_size, num_workers=loader_workers(config.num_workers),
+                                   os_cache=config.os_cache, order=order, distributed=distributed, seed=seed,
+                                   drop_last=config.drop_last, batches_ahead=config.batches_ahead,
+                                   indices=indices, pipelines=pipelines)
     loader.next_epoch = epoch
     return loader
 
