@@ -21,11 +21,18 @@ import math
 import os
 import sys
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from autowu.console import captured_stdout, quiet_third_party  # noqa: E402
+
+VERBOSE = "--verbose" in sys.argv  # read before deepspeed is imported: its import already logs
+if not VERBOSE:
+    quiet_third_party(torch.cuda.is_available())
 
 import deepspeed  # noqa: E402
 
@@ -33,6 +40,7 @@ import autowu.deepspeed as autowu_ds  # noqa: E402
 from autowu.batchnorm import batchnorm_statistics, convert_sync_batchnorm, sync_batchnorm_statistics  # noqa: E402
 from autowu.data import DataConfig, beton_info, train_loader, val_loader, write_betons  # noqa: E402
 from autowu.data.digits import build_digits_folder  # noqa: E402
+from autowu.nodes import NodeTable, PeerWatch, collective_device, is_shared_path, local_rank, node_rank  # noqa: E402
 from autowu.run_config import resolve_batch, resolve_schedule_steps, split_config  # noqa: E402
 from autowu.scheduler import AutoWU  # noqa: E402
 
@@ -51,6 +59,10 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--allow_cpu", action="store_true",
                         help="run an fp16/bf16 config on the CPU (otherwise a missing GPU is an error)")
+    parser.add_argument("--dist_timeout_minutes", type=float, default=10.0,
+                        help="how long a collective waits for a silent peer before the run stops")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show DeepSpeed's and torch's own logs and warnings (quiet by default)")
     parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     parser = deepspeed.add_config_arguments(parser)
     args = parser.parse_args(argv)
@@ -60,8 +72,11 @@ def parse_args(argv=None):
 
 
 def log(message):
+    """One line from rank 0, above the progress bar if one is showing."""
     if dist.get_rank() == 0:
-        print(f"[train] {message}", flush=True)
+        from tqdm import tqdm
+        tqdm.write(f"[train] {message}", file=sys.stdout)
+        sys.stdout.flush()
 
 
 class JsonLog:
@@ -77,12 +92,15 @@ class JsonLog:
 
 
 def prepare_data(args, run, out_dir):
-    """The betons to train on: ``--data_dir``, or the embedded digits dataset built once by rank 0."""
+    """The betons to train on: ``--data_dir`` (the same path on every node, each node's own copy or a shared
+    disk), or the embedded digits dataset, built once per node-local disk (each node's local rank 0), or once
+    (rank 0) when the disk is shared."""
     if args.data_dir:
         data_dir = args.data_dir
     elif run.default_data == "digits":
         data_dir = os.path.join(REPO, "data", "digits", "betons")
-        if dist.get_rank() == 0 and not os.path.exists(os.path.join(data_dir, "val.beton")):
+        builder = dist.get_rank() == 0 if is_shared_path(os.path.dirname(data_dir)) else local_rank() == 0
+        if builder and not os.path.exists(os.path.join(data_dir, "val.beton")):
             print("[train] no --data_dir: building the embedded dataset (scikit-learn's digits as JPEGs)", flush=True)
             folders = build_digits_folder(os.path.join(REPO, "data", "digits", "folders"))
             write_betons(folders, data_dir, DataConfig.from_json(os.path.join(REPO, run.data_config)).write)
@@ -173,14 +191,38 @@ def evaluate(engine, loader, num_samples, dtype):
     return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item(), int(totals[2].item())
 
 
+def latest_checkpoint(checkpoint_dir):
+    """The tag to resume from: rank 0's 'latest', which every rank's disk must hold (node-local or shared)."""
+    latest = os.path.join(checkpoint_dir, "latest")
+    tag = [open(latest).read().strip() if dist.get_rank() == 0 and os.path.isfile(latest) else None]
+    dist.broadcast_object_list(tag, src=0)
+    if tag[0] is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint_dir} (no 'latest' file)")
+    here = torch.tensor([1 if os.path.isdir(os.path.join(checkpoint_dir, tag[0])) else 0], device=collective_device())
+    everywhere = here.clone()
+    dist.all_reduce(everywhere, op=dist.ReduceOp.MIN)
+    if not everywhere.item():
+        raise FileNotFoundError(f"--resume: checkpoint {tag[0]} (rank 0's latest) is missing on "
+                                f"{'this node' if not here.item() else 'another node'}: {checkpoint_dir}/{tag[0]}")
+    return tag[0]
+
+
 def main(argv=None):
     args = parse_args(argv)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if "OMP_NUM_THREADS" not in os.environ:  # DeepSpeed forwards few variables to other nodes: not this one
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_SIZE", "1"))))
+    with captured_stdout(not args.verbose):
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   timeout=timedelta(minutes=args.dist_timeout_minutes))
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", args.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device)  # before any collective: nccl's object collectives use the current device
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels (ffcv-imagenet)
+    nodes = NodeTable()
+    watch = PeerWatch(nodes) if world > 1 else None
+    if len(nodes.nodes) > 1 and local_rank() == 0:  # one line from each node
+        print(f"[train] {nodes.describe_node(node_rank())} of {len(nodes.nodes)} nodes", flush=True)
 
     # ---- config: DeepSpeed's part, the run's part, the data's
     ds_config, run = split_config(args.deepspeed_config)
@@ -214,11 +256,18 @@ def main(argv=None):
                          "the data config (the DeepSpeed config sets the per-rank batch)")
     train_config = dataclasses.replace(data_config.train, batch_size=micro_batch)
     checkpoint_dir = os.path.join(out_dir, "checkpoints")
+    node_local_checkpoints = not is_shared_path(out_dir)
+    if node_local_checkpoints:
+        # DeepSpeed writes the model states on global rank 0 alone unless told otherwise: another node's
+        # disk would hold its optimizer shards but no model to resume.
+        if ds_config.get("checkpoint", {}).get("use_node_local_storage") is False:
+            raise ValueError(f"--out_dir {out_dir} is each node's own disk, and {args.deepspeed_config} sets "
+                             "checkpoint.use_node_local_storage false: no node but the first could resume; "
+                             "remove that setting or use a shared --out_dir")
+        ds_config.setdefault("checkpoint", {})["use_node_local_storage"] = True
+        log(f"{out_dir} is node-local: every node keeps its own checkpoints (DeepSpeed's use_node_local_storage)")
     start_epoch = 0
-    if args.resume:
-        latest = os.path.join(checkpoint_dir, "latest")
-        if not os.path.isfile(latest):
-            raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint_dir} (no 'latest' file)")
+    resume_tag = latest_checkpoint(checkpoint_dir) if args.resume else None
     loader = train_loader(paths["train"], train_config, device=device, distributed=world > 1, seed=args.seed)
     steps_per_epoch = len(loader) // accumulation
     if steps_per_epoch < 1:
@@ -247,7 +296,7 @@ def main(argv=None):
     recipe = describe_recipe(engine, ds_config, device)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=run.label_smoothing)
     if args.resume:
-        _, client_state = engine.load_checkpoint(checkpoint_dir)
+        _, client_state = engine.load_checkpoint(checkpoint_dir, tag=resume_tag)
         start_epoch = client_state["epoch"]
         loader.next_epoch = start_epoch  # FFCV does not checkpoint its epoch: the same order as an unbroken run
         log(f"resumed from {checkpoint_dir} at epoch {start_epoch} (step {engine.global_steps})")
@@ -270,65 +319,92 @@ def main(argv=None):
     autowu = scheduler if isinstance(scheduler, AutoWU) else None  # else a reference schedule from the config
     tests_logged = len(autowu.history) if autowu else 0
     top1 = top5 = float("nan")
-    for epoch in range(start_epoch, run.epochs):
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{run.epochs}", disable=rank != 0,
-                   dynamic_ncols=True, file=sys.stdout)
-        loss_sum, loss_count, started, interval_start = None, 0, time.perf_counter(), time.perf_counter()
-        for micro_step, (images, labels) in enumerate(loader):
-            if micro_step >= steps_per_epoch * accumulation:
-                break
-            loss = criterion(engine(images.to(dtype)).float(), labels)
-            engine.backward(loss)
-            engine.step()
-            detached = loss.detach()
-            loss_sum = detached if loss_sum is None else loss_sum + detached  # stays on the device
-            loss_count += 1
-            if (micro_step + 1) % accumulation:
-                continue
-            bar.update()
-            step = engine.global_steps
-            if step % run.log_every == 0 or micro_step + 1 == steps_per_epoch * accumulation:
-                mean_loss = (loss_sum / loss_count).item()  # one host sync every log_every steps
-                rate = loss_count * micro_batch * world / (time.perf_counter() - interval_start)
-                lr = engine.get_lr()[0]
-                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
-                json_log.write(kind="train", step=step, epoch=step / steps_per_epoch, loss=mean_loss,
-                               lr=lr, images_per_s=rate)
-                engine.monitor.write_events([("Train/loss", mean_loss, step)]) if rank == 0 else None
-                loss_sum, loss_count, interval_start = None, 0, time.perf_counter()
-            for record in (autowu.history[tests_logged:] if autowu else ()):  # each AutoWU test, as it happens
-                json_log.write(kind="autowu_test", **record)
-                if rank == 0:
-                    engine.monitor.write_events([
-                        (f"AutoWU/{k}", float(record[k]), record["step"])
-                        for k in ("probability", "votes", "argmin_lr", "passed", "switched")])
-                if record["switched"]:
-                    log(f"AutoWU switched at step {record['step']} (epoch {record['epoch']:.1f}): "
-                        f"peak LR {autowu.peak_lr:.4g}" + (" (warmup cap)" if record["at_cap"] else ""))
-                    json_log.write(kind="autowu_switch", **autowu.switch_curve,
-                                   peak_lr=autowu.peak_lr, total_steps=autowu.total_steps)
-            tests_logged = len(autowu.history) if autowu else 0
-        bar.close()
+    try:
+        for epoch in range(start_epoch, run.epochs):
+            # Rank 0's bar on a terminal only, cleared at the epoch's end: a log file gets the epoch's line alone.
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{run.epochs}", leave=False,
+                       disable=rank != 0 or not sys.stdout.isatty(), dynamic_ncols=True, file=sys.stdout)
+            loss_sum, loss_count, started, interval_start = None, 0, time.perf_counter(), time.perf_counter()
+            epoch_loss_sum, epoch_loss_count = None, 0
+            for micro_step, (images, labels) in enumerate(loader):
+                if micro_step >= steps_per_epoch * accumulation:
+                    break
+                loss = criterion(engine(images.to(dtype)).float(), labels)
+                engine.backward(loss)
+                engine.step()
+                detached = loss.detach()
+                loss_sum = detached if loss_sum is None else loss_sum + detached  # stays on the device
+                epoch_loss_sum = detached if epoch_loss_sum is None else epoch_loss_sum + detached
+                loss_count += 1
+                epoch_loss_count += 1
+                if (micro_step + 1) % accumulation:
+                    continue
+                bar.update()
+                step = engine.global_steps
+                if step % run.log_every == 0 or micro_step + 1 == steps_per_epoch * accumulation:
+                    mean_loss = (loss_sum / loss_count).item()  # one host sync every log_every steps
+                    rate = loss_count * micro_batch * world / (time.perf_counter() - interval_start)
+                    lr = engine.get_lr()[0]
+                    bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+                    json_log.write(kind="train", step=step, epoch=step / steps_per_epoch, loss=mean_loss,
+                                   lr=lr, images_per_s=rate)
+                    engine.monitor.write_events([("Train/loss", mean_loss, step)]) if rank == 0 else None
+                    loss_sum, loss_count, interval_start = None, 0, time.perf_counter()
+                for record in (autowu.history[tests_logged:] if autowu else ()):  # each AutoWU test, as it happens
+                    json_log.write(kind="autowu_test", **record)
+                    if rank == 0:
+                        engine.monitor.write_events([
+                            (f"AutoWU/{k}", float(record[k]), record["step"])
+                            for k in ("probability", "votes", "argmin_lr", "passed", "switched")])
+                    if record["switched"]:
+                        log(f"AutoWU switched at step {record['step']} (epoch {record['epoch']:.1f}): "
+                            f"peak LR {autowu.peak_lr:.4g}" + (" (warmup cap)" if record["at_cap"] else ""))
+                        json_log.write(kind="autowu_switch", **autowu.switch_curve,
+                                       peak_lr=autowu.peak_lr, total_steps=autowu.total_steps)
+                tests_logged = len(autowu.history) if autowu else 0
+            bar.close()
 
-        # One set of BatchNorm statistics (DeepSpeed never syncs buffers): what is evaluated, checkpointed and
-        # reported is the same model on every rank.
-        sync_batchnorm_statistics(engine.module)
-        top1, top5, counted = evaluate(engine, val, infos["val"]["num_samples"], dtype)
-        epoch_seconds = time.perf_counter() - started
-        log(f"epoch {epoch + 1}: val top-1 {top1 * 100:.2f}% top-5 {top5 * 100:.2f}% ({counted} images), "
-            f"lr {engine.get_lr()[0]:.3g}" + (f", phase {autowu.phase}" if autowu else "") + f", {epoch_seconds:.1f} s")
-        json_log.write(kind="val", epoch=epoch + 1, step=engine.global_steps, top1=top1, top5=top5,
-                       images=counted, seconds=epoch_seconds)
-        if rank == 0:
-            engine.monitor.write_events([("Val/top1", top1, engine.global_steps),
-                                         ("Val/top5", top5, engine.global_steps)])
-        last = epoch + 1 == run.epochs
-        stopping = args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch
-        if last or stopping or (epoch + 1) % run.checkpoint_every == 0:
-            engine.save_checkpoint(checkpoint_dir, tag=f"epoch{epoch + 1}", client_state={"epoch": epoch + 1})
-        if stopping and not last:
-            log(f"stopping after epoch {epoch + 1} as asked; continue with --resume")
-            break
+            # One set of BatchNorm statistics (DeepSpeed never syncs buffers): what is evaluated, checkpointed and
+            # reported is the same model on every rank.
+            sync_batchnorm_statistics(engine.module)
+            train_seconds = time.perf_counter() - started
+            top1, top5, counted = evaluate(engine, val, infos["val"]["num_samples"], dtype)
+            epoch_seconds = time.perf_counter() - started
+            epoch_loss = (epoch_loss_sum / epoch_loss_count).item() if epoch_loss_count else float("nan")
+            log(f"epoch {epoch + 1}/{run.epochs}: loss {epoch_loss:.3f}, val top-1 {top1 * 100:.2f}% top-5 "
+                f"{top5 * 100:.2f}%, lr {engine.get_lr()[0]:.3g}" + (f" ({autowu.phase})" if autowu else "") +
+                f", {epoch_loss_count * micro_batch * world / train_seconds:,.0f} img/s, {epoch_seconds:.1f} s")
+            json_log.write(kind="val", epoch=epoch + 1, step=engine.global_steps, top1=top1, top5=top5,
+                           images=counted, seconds=epoch_seconds)
+            if rank == 0:
+                engine.monitor.write_events([("Val/top1", top1, engine.global_steps),
+                                             ("Val/top5", top5, engine.global_steps)])
+            last = epoch + 1 == run.epochs
+            stopping = args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch
+            if last or stopping or (epoch + 1) % run.checkpoint_every == 0:
+                engine.save_checkpoint(checkpoint_dir, tag=f"epoch{epoch + 1}", client_state={"epoch": epoch + 1})
+                if node_local_checkpoints and local_rank() == 0 and rank != 0:
+                    # DeepSpeed writes 'latest' on global rank 0 only; this node's copy of the run needs its own.
+                    with open(os.path.join(checkpoint_dir, "latest"), "w") as f:
+                        f.write(f"epoch{epoch + 1}")
+            if stopping and not last:
+                log(f"stopping after epoch {epoch + 1} as asked; continue with --resume")
+                break
+    except Exception as err:
+        if watch is None:
+            raise
+        # A rank or a node is gone (killed, crashed, unreachable): its peers' collectives fail. Name it, end
+        # this process now (no teardown that would wait on the dead peer), and leave the last checkpoint.
+        lost = watch.lost_ranks()
+        if lost == []:  # every peer lives on: this rank's own error
+            raise
+        first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        print(f"[train] rank {rank} (node {node_rank()}): {watch.describe(lost)}. This run stops here ({type(err).__name__}: "
+              f"{first_line}); continue from the last checkpoint in {checkpoint_dir} with --resume", flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+    if watch:
+        watch.stop()
 
     if autowu and autowu.switch_step is None and not args.stop_after_epoch:
         log("AutoWU did not switch during this run")

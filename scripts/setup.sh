@@ -5,9 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# FFCV 1.0.2 compiles a C extension against OpenCV and libjpeg-turbo, found through pkg-config.
+# FFCV 1.0.2 compiles a C extension against OpenCV and libjpeg-turbo, found through pkg-config. DeepSpeed's
+# multi-node launcher goes through pdsh and ssh (the two-node test starts real sshd's on loopback addresses).
 need=()
-for pkg in pkg-config libturbojpeg0-dev libopencv-dev; do
+for pkg in pkg-config libturbojpeg0-dev libopencv-dev pdsh openssh-client openssh-server; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

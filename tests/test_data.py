@@ -289,3 +289,21 @@ def test_loader_workers_follow_the_cores_and_ranks_of_the_node(monkeypatch, tmp_
     with pytest.warns(UserWarning, match="4 KiB|0.0 GiB but this node has 0.0 GiB"):
         assert "os_cache" in warn_if_page_cache_too_small(str(beton), os_cache=True)
     assert warn_if_page_cache_too_small(str(beton), os_cache=False) is None
+
+
+def test_the_writer_chooses_jpeg_or_raw_by_the_image_not_by_chance(tmp_path):
+    """FFCV's 'proportion' mode drew np.random in each writer process: two writes of one folder (two nodes'
+    copies of the embedded dataset) held different pixels. Now the choice is a hash of the image."""
+    from ffcv.reader import Reader
+    root = build_digits_folder(str(tmp_path / "folders"))
+    config = WriteConfig(max_resolution=64, num_workers=2, compress_probability=0.5)
+    modes, pixels = [], []
+    for copy in ("a", "b"):
+        write_betons(root, str(tmp_path / copy), config, progress=False)
+        reader = Reader(str(tmp_path / copy / "val.beton"))
+        modes.append(reader.metadata["f0"]["mode"].copy())
+        loader = val_loader(str(tmp_path / copy / "val.beton"),
+                            ValLoaderConfig(resolution=32, crop_ratio=1.0, batch_size=359, num_workers=1))
+        pixels.append(torch.cat([x.clone() for x, _ in loader]))
+    assert np.array_equal(modes[0], modes[1]) and 0.35 < modes[0].mean() < 0.65  # about half JPEG, the same half
+    assert torch.equal(pixels[0], pixels[1])

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -35,6 +36,13 @@ def test_train_switch_accuracy_and_resume(betons, tmp_path):
     first = run_deepspeed(args + ["--stop_after_epoch", "16"])
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     assert "stopping after epoch 16" in first.stdout
+    # The console: rank 0's lines, one an epoch, the switch on its own line, none of the noise a user cannot act on.
+    output = first.stdout + first.stderr
+    assert len(re.findall(r"^\[train\] epoch \d+/30: loss [0-9.]+, val top-1", first.stdout, re.M)) == 16
+    assert len(re.findall(r"^\[train\] AutoWU switched at step \d+", first.stdout, re.M)) == 1
+    for noise in ("FutureWarning", "all_gather_into_tensor", "untested optimizer", "built successfully",
+                  "No CUDA runtime is found", "[rank1]", "it/s]"):
+        assert noise not in output, noise
     records = read_log(run_dir)
     switch = [r for r in records if r["kind"] == "autowu_switch"]
     tests = [r for r in records if r["kind"] == "autowu_test"]
@@ -114,8 +122,10 @@ def test_the_launcher_runs_a_reference_warmup_cosine_schedule(betons, tmp_path):
     counts "auto" (the run's steps, 5% warmup): AutoWU against the schedule a user knows, like with like."""
     run_dir = tmp_path / "cosine"
     proc = run_deepspeed([REPO / "launch" / "train.py", "--deepspeed_config", REPO / "ds_configs" /
-                          "cpu_digits_cosine.json", "--data_dir", betons, "--out_dir", run_dir, "--epochs", "4"])
+                          "cpu_digits_cosine.json", "--data_dir", betons, "--out_dir", run_dir, "--epochs", "4",
+                          "--verbose"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "You are using ZeRO with an untested optimizer" in proc.stdout + proc.stderr  # --verbose: DeepSpeed's logs
     records = read_log(run_dir)
     peak = json.loads((REPO / "ds_configs" / "cpu_digits_cosine.json").read_text())["optimizer"]["params"]["lr"]
     total = 4 * 22

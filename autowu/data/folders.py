@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from multiprocessing import Pool
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
@@ -128,4 +129,9 @@ class RGBImageDataset:
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         image, _ = open_rgb(path)
+        # FFCV's writer encodes this sample right after this call, in this process, and its 'proportion' mode
+        # draws np.random.rand() to store it as JPEG or raw. Seeded by the index, that choice is the sample's
+        # own: one folder gives the same beton content on every node and in every run (not the same file
+        # layout: the writer's processes take chunks in any order).
+        np.random.seed(index)
         return image, label
