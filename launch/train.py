@@ -30,8 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from autowu.console import captured_stdout, quiet_third_party  # noqa: E402
 
-VERBOSE = "--verbose" in sys.argv  # read before deepspeed is imported: its import already logs
-if not VERBOSE:
+if "--verbose" not in sys.argv:  # read before deepspeed is imported: its import already logs
     quiet_third_party(torch.cuda.is_available())
 
 import deepspeed  # noqa: E402
@@ -198,7 +197,7 @@ def latest_checkpoint(checkpoint_dir):
     dist.broadcast_object_list(tag, src=0)
     if tag[0] is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint_dir} (no 'latest' file)")
-    here = torch.tensor([1 if os.path.isdir(os.path.join(checkpoint_dir, tag[0])) else 0], device=collective_device())
+    here = torch.tensor([int(os.path.isdir(os.path.join(checkpoint_dir, tag[0])))], device=collective_device())
     everywhere = here.clone()
     dist.all_reduce(everywhere, op=dist.ReduceOp.MIN)
     if not everywhere.item():

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable, Optional, Tuple
 
+import numba
 import numpy as np
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
@@ -48,10 +49,18 @@ def lighting_offsets(alphas: np.ndarray, eigval: np.ndarray = IMAGENET_EIGVAL,
     return 255.0 * (alphas * eigval) @ eigvec.T
 
 
+@numba.njit(cache=False)
+def draw_alphas(seed, epoch, sample, alphastd):
+    """One sample's lighting alphas, ``N(0, alphastd)`` per PCA component, from (seed, epoch, sample)."""
+    alphas = np.empty(3)
+    for c in range(3):
+        alphas[c] = alphastd * normal(seed, epoch, sample, LIGHTING_DRAWS + c)
+    return alphas
+
+
 def sample_alphas(seed: int, epoch: int, indices, alphastd: float) -> np.ndarray:
     """The lighting alphas (n x 3) the operations draw for these samples."""
-    return np.array([[alphastd * normal(seed, epoch, int(i), LIGHTING_DRAWS + c) for c in range(3)]
-                     for i in indices]).reshape(len(indices), 3)
+    return np.array([draw_alphas(seed, epoch, int(i), alphastd) for i in indices]).reshape(len(indices), 3)
 
 
 def sample_flips(seed: int, epoch: int, indices, flip_prob: float) -> np.ndarray:
@@ -112,9 +121,7 @@ class FlipLightingNormalize(_Seeded):
             for i in parallel_range(images.shape[0]):
                 sample = indices[i]
                 flip = uniform(seed, epoch, sample, FLIP_DRAW) < flip_prob
-                alphas = np.empty(3)
-                for c in range(3):
-                    alphas[c] = alphastd * normal(seed, epoch, sample, LIGHTING_DRAWS + c)
+                alphas = draw_alphas(seed, epoch, sample, alphastd)
                 # (x + offset - mean) / std = x * inv_std + bias, with the lighting offset folded into the bias
                 bias = (((alphas * eigval) @ scaled_eigvec_t - mean) * inv_std).astype(np.float32)
                 b0, b1, b2 = bias[0], bias[1], bias[2]
@@ -186,10 +193,8 @@ class LightingBias(_Seeded):
 
         def lighting_bias(labels, dst, indices):
             epoch = read_cell(cell)
-            alphas = np.empty(3)
             for i in range(labels.shape[0]):
-                for c in range(3):
-                    alphas[c] = alphastd * normal(seed, epoch, indices[i], LIGHTING_DRAWS + c)
+                alphas = draw_alphas(seed, epoch, indices[i], alphastd)
                 dst[i] = ((alphas * eigval) @ scaled_eigvec_t).astype(np.float32)
             return dst
 
