@@ -27,10 +27,16 @@ NODES = ("127.0.0.2", "127.0.0.3")
 CONFIG = REPO / "ds_configs" / "cpu_digits.json"
 DIGITS = REPO / "data" / "digits"  # the embedded dataset's folder: bound over by each node's own
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "pdsh", "ssh-keygen")) or
-    not os.path.exists("/usr/sbin/sshd"),
-    reason="needs root, unshare, pdsh and openssh-server (scripts/setup.sh installs the last two)")
+def _can_make_nodes() -> bool:
+    if os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "pdsh", "ssh-keygen")) or \
+            not os.path.exists("/usr/sbin/sshd"):
+        return False
+    probe = subprocess.run(["unshare", "--mount", "--pid", "--fork", "--mount-proc", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+pytestmark = pytest.mark.skipif(not _can_make_nodes(), reason="needs root allowed to unshare mount and PID "
+                                "namespaces, pdsh and openssh-server (scripts/setup.sh installs the last two)")
 
 
 def _wait_port(address, port, timeout=20):
