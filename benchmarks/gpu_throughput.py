@@ -174,13 +174,15 @@ def main(argv=None):
     work = args.work_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "throughput_data")
     data = DataConfig.from_json(os.path.join(REPO, "ffcv_configs", "rn50_imagenet.json"))
     resolution = data.train.resolution
-    results = {"device": torch.cuda.get_device_name() if not dry else "cpu (dry run)", "cores": cores,
-               "torch": torch.__version__, "model": model_name, "batch": batch, "resolution": resolution}
+    results = {"cores": cores, "torch": torch.__version__, "model": model_name, "batch": batch,
+               "resolution": resolution}
     started = time.perf_counter()
 
+    # The JPEGs and betons first: their worker processes fork before CUDA is initialised in this one.
     results["jpegs"] = make_jpegs(os.path.join(work, "jpegs"), count, min(100, count // 4), cores)
     write_config = dataclasses.replace(data.write, num_workers=cores)
     write_betons(os.path.join(work, "jpegs"), os.path.join(work, "betons"), write_config, progress=False)
+    results["device"] = torch.cuda.get_device_name() if not dry else "cpu (dry run)"
     beton = os.path.join(work, "betons", "train.beton")
     results["beton_mib"] = os.path.getsize(beton) / 2**20
     train_config = dataclasses.replace(data.train, batch_size=batch)
