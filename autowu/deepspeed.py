@@ -51,6 +51,19 @@ _ADAMP_PARAMS = set(inspect.signature(ZeroAdamP.__init__).parameters) - {"self",
 _SHAPE_DEPENDENT_TIMM_OPTIMIZERS = ("AdamP", "SGDP", "Lamb", "Lars", "Adafactor", "AdafactorBigVision")
 
 
+def remove_cpu_shm_buffers(master_port, local_rank="*") -> None:
+    """DeepSpeed's CPU all-reduce (its ``deepspeed_shm_comm`` op) creates a 66 MB file in /dev/shm for each rank,
+    ``deepspeed_allreduce_buffer_<n>_<addr>_<port>_<local rank>``, and never removes it: every CPU run leaked
+    132 MB of memory on 2 ranks until a reboot (a day of test runs here filled 20 GB and stalled the machine).
+    Removing the names at exit is safe: ranks that mapped the memory keep it until they end."""
+    import glob
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{master_port}_{local_rank}"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 def load_config(config: Union[str, os.PathLike, Dict[str, Any]]) -> Dict[str, Any]:
     """A DeepSpeed config as a dict, from a dict or a JSON file, with a clear error for a bad file."""
     if isinstance(config, dict):

@@ -15,6 +15,7 @@ The JSON holds DeepSpeed's settings (batch sizes, fp16, ZeRO-1, ``"optimizer": {
 checkpoints; ``--resume`` continues from the latest one. ``launch/plot_run.py <out_dir>`` draws the run.
 """
 import argparse
+import atexit
 import dataclasses
 import json
 import math
@@ -215,6 +216,8 @@ def main(argv=None):
                                    timeout=timedelta(minutes=args.dist_timeout_minutes))
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", args.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cpu" and "MASTER_PORT" in os.environ:
+        atexit.register(autowu_ds.remove_cpu_shm_buffers, os.environ["MASTER_PORT"], local_rank())
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before any collective: nccl's object collectives use the current device
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels (ffcv-imagenet)
@@ -401,6 +404,8 @@ def main(argv=None):
         print(f"[train] rank {rank} (node {node_rank()}): {watch.describe(lost)}. This run stops here ({type(err).__name__}: "
               f"{first_line}); continue from the last checkpoint in {checkpoint_dir} with --resume", flush=True)
         sys.stdout.flush()
+        if device.type == "cpu" and "MASTER_PORT" in os.environ:
+            autowu_ds.remove_cpu_shm_buffers(os.environ["MASTER_PORT"], local_rank())
         os._exit(1)
     if watch:
         watch.stop()

@@ -18,12 +18,16 @@ def free_port() -> int:
 
 def run_deepspeed(script_args, num_ranks=2, timeout=600, env=None):
     """Run a script on ``num_ranks`` CPU ranks through the real ``deepspeed`` launcher; return the process."""
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(num_ranks), "--master_port", str(free_port())]
+    port = free_port()
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(num_ranks), "--master_port", str(port)]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
     full_env["PATH"] = f"{BIN}:{full_env.get('PATH', '')}"
-    proc = subprocess.run(cmd + [str(a) for a in script_args], cwd=REPO, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
-    return proc
+    try:
+        return subprocess.run(cmd + [str(a) for a in script_args], cwd=REPO, env=full_env, capture_output=True,
+                              text=True, timeout=timeout)
+    finally:
+        from autowu.deepspeed import remove_cpu_shm_buffers
+        remove_cpu_shm_buffers(port)  # DeepSpeed's CPU all-reduce leaves 66 MB a rank in /dev/shm
 
 
 @pytest.fixture
