@@ -5,18 +5,17 @@ a config whose ``"scheduler"`` block says ``{"type": "AutoWU", "params": {...}}`
 scheduler on the engine's basic optimizer and hands everything else to ``deepspeed.initialize`` untouched. Any
 other scheduler block (DeepSpeed's own, torch's) passes through unchanged. The training loop stays DeepSpeed's::
 
-    engine, optimizer, _, scheduler = autowu.deepspeed.initialize(
-        model=model, optimizer=optimizer, config="ds_configs/resnet50_4k.json",
-        steps_per_epoch=len(loader), total_epochs=epochs)
+    engine, optimizer, _, scheduler = autowu.deepspeed.initialize(   # the config's AdamP: no optimizer here
+        model=model, config="ds_configs/resnet50_4k.json", steps_per_epoch=len(loader), total_epochs=epochs)
     for images, labels in loader:
         loss = criterion(engine(images), labels)
         engine.backward(loss)
         engine.step()
 
 The hook (``AutoWULossHook``) keeps the mean of each optimizer step's micro-batch losses on the device and
-hands it to the scheduler, which buffers it there. At each epoch's end the scheduler makes one all-reduce (mean
-over data-parallel ranks) of the losses buffered since its last test, runs the GP test, and takes rank 0's
-decision by a broadcast, so every rank switches at the same step with the same LR. On an fp16 overflow the
+hands it to the scheduler, which buffers it there. At each GP test (an epoch's end, or more often on a fast
+ramp) the scheduler makes one all-reduce (mean over data-parallel ranks) of the losses buffered since its last
+test, runs the GP test, and takes rank 0's decision by a broadcast, so every rank switches at the same step with the same LR. On an fp16 overflow the
 engine skips the scheduler's step; the hook steps it anyway, so the schedule stays aligned with the data.
 
 The paper's optimizer comes from the config too: ``"optimizer": {"type": "AdamP", "params": {...}}`` builds
@@ -30,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import inspect
 import math
 import os
@@ -40,7 +40,9 @@ import torch.distributed as dist
 
 from .adamp import ZeroAdamP, zero_partition_layouts
 from .jsonfile import read_json
+from .gp import GPTestSettings
 from .scheduler import AutoWU
+from .settings import from_mapping, unknown_keys_error
 
 SCHEDULER_TYPE = "AutoWU"
 OPTIMIZER_TYPE = "AdamP"
@@ -71,20 +73,99 @@ def load_config(config: Union[str, os.PathLike, Dict[str, Any]]) -> Dict[str, An
     return read_json(config, "DeepSpeed config")
 
 
+class _KeyRecorder(dict):
+    """A config dict that records every top-level key DeepSpeed's config parser asks for."""
+    asked: set
+
+    def _ask(self, key):
+        self.asked.add(key)
+        return key
+
+    def __getitem__(self, key):
+        return super().__getitem__(self._ask(key))
+
+    def get(self, key, *default):
+        return super().get(self._ask(key), *default)
+
+    def __contains__(self, key):
+        return super().__contains__(self._ask(key))
+
+    def keys(self):
+        recorder = self
+
+        class Keys:
+            def __contains__(self, key):
+                return dict.__contains__(recorder, recorder._ask(key))
+
+            def __iter__(self):
+                return iter(dict.keys(recorder))
+
+        return Keys()
+
+
+@functools.lru_cache(maxsize=1)
+def deepspeed_config_keys() -> frozenset:
+    """DeepSpeed's top-level config keys, from DeepSpeed itself: every key its config parser
+    (``DeepSpeedConfig``) asks a config for, and the key names of ``deepspeed.runtime.constants``.
+
+    DeepSpeed reads the top level key by key and ignores the rest: ``"zero_optimisation"`` trains without ZeRO.
+    Asking the installed version (rather than keeping a copied list) follows its upgrades.
+    """
+    from types import SimpleNamespace
+
+    import deepspeed.runtime.constants as constants
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    recorder = _KeyRecorder({"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1})
+    recorder.asked = set()
+    # A one-rank view (mpu) so that parsing needs no process group and its batch check holds.
+    DeepSpeedConfig(recorder, mpu=SimpleNamespace(get_data_parallel_world_size=lambda: 1))
+    if len(recorder.asked) < 30 or "zero_optimization" not in recorder.asked:
+        raise RuntimeError(f"autowu: DeepSpeed {_deepspeed_version()}'s config parser no longer reads the config "
+                           "key by key as autowu.deepspeed.deepspeed_config_keys expects; update it")
+    names = {v for k, v in vars(constants).items() if k.isupper() and isinstance(v, str)}
+    return frozenset(recorder.asked | names)
+
+
+def _deepspeed_version() -> str:
+    import deepspeed
+    return deepspeed.__version__
+
+
+def check_config_keys(config: Dict[str, Any], source: str = "DeepSpeed config") -> None:
+    """Refuse top-level keys DeepSpeed does not know, naming the nearest known one."""
+    unknown = set(config) - deepspeed_config_keys()
+    if unknown:
+        raise unknown_keys_error(source, unknown, deepspeed_config_keys(), list_known=False,
+                                 why=f"DeepSpeed {_deepspeed_version()} would ignore {'them' if len(unknown) > 1 else 'it'} "
+                                 "without a word")
+
+
 def autowu_params(config: Dict[str, Any], **overrides) -> Optional[Dict[str, Any]]:
     """AutoWU's keyword arguments from a config's scheduler block, or None if it names another scheduler.
 
-    ``overrides`` (typically ``steps_per_epoch`` and ``total_epochs``, known only once the data is) win over
-    the JSON. Unknown keys raise: a misspelt option must not be silently ignored.
+    ``overrides`` (``steps_per_epoch`` and ``total_epochs``, known once the data is; the launcher's ``seed``)
+    fill in what the JSON leaves out; a JSON value that disagrees with one is refused (one owner a setting).
+    Unknown keys raise: a misspelt option must not be silently ignored. ``gp_settings`` may be an object of
+    ``GPTestSettings``' fields.
     """
     block = config.get("scheduler")
     if not block or block.get("type") != SCHEDULER_TYPE:
         return None
     params = dict(block.get("params", {}))
-    params.update({k: v for k, v in overrides.items() if v is not None})
-    unknown = sorted(set(params) - _AUTOWU_PARAMS)
+    unknown = set(params) - _AUTOWU_PARAMS
     if unknown:
-        raise ValueError(f"scheduler AutoWU: unknown params {unknown}; known: {sorted(_AUTOWU_PARAMS)}")
+        raise unknown_keys_error("scheduler AutoWU params", unknown, _AUTOWU_PARAMS)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in params and params[key] != value:
+            raise ValueError(f"scheduler AutoWU: params.{key} {params[key]!r} disagrees with {value!r} from the "
+                             f"{'data and epochs' if key != 'seed' else 'run (train.seed / --seed)'}; remove it from "
+                             "the scheduler params")
+        params[key] = value
+    if isinstance(params.get("gp_settings"), dict):
+        params["gp_settings"] = from_mapping(GPTestSettings, params["gp_settings"], "scheduler AutoWU: gp_settings")
     missing = [k for k in ("steps_per_epoch", "total_epochs") if k not in params]
     if missing:
         raise ValueError(f"scheduler AutoWU needs {missing}: put them in the config's scheduler params or "
@@ -259,11 +340,13 @@ def _contiguous_parameters(model) -> list:
 
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, config=None,
-               steps_per_epoch: Optional[int] = None, total_epochs: Optional[int] = None, **kwargs):
+               steps_per_epoch: Optional[int] = None, total_epochs: Optional[int] = None,
+               seed: Optional[int] = None, **kwargs):
     """``deepspeed.initialize`` that understands ``"scheduler": {"type": "AutoWU", ...}`` and
     ``"optimizer": {"type": "AdamP", ...}`` (then pass ``model`` or ``model_parameters``, no ``optimizer``).
 
-    The config comes from ``config`` or ``args.deepspeed_config``. Returns DeepSpeed's
+    The config comes from ``config`` or ``args.deepspeed_config``; unknown top-level keys are refused.
+    ``steps_per_epoch``, ``total_epochs`` and ``seed`` fill in AutoWU's params (a disagreeing JSON value is refused). Returns DeepSpeed's
     ``(engine, optimizer, training_dataloader, lr_scheduler)``; with AutoWU, the hook is installed on the
     engine and ``engine.autowu_hook`` holds it.
     """
@@ -275,7 +358,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
     if config is None:
         raise ValueError("autowu.deepspeed.initialize needs a config (a dict or a JSON path)")
     config = load_config(config)
-    params = autowu_params(config, steps_per_epoch=steps_per_epoch, total_epochs=total_epochs)
+    check_config_keys(config)
+    params = autowu_params(config, steps_per_epoch=steps_per_epoch, total_epochs=total_epochs, seed=seed)
     if params is not None:
         if kwargs.get("lr_scheduler") is not None:
             raise ValueError("the config selects AutoWU and an lr_scheduler was passed too: choose one")

@@ -2,30 +2,36 @@
 
 DeepSpeed's own keys (batch sizes, fp16, ZeRO, the optimizer and scheduler blocks) stay where DeepSpeed users
 look for them; what DeepSpeed has no place for (the model, the epochs, the data) lives in ``"train"``, which the
-launcher takes out before handing the rest to ``autowu.deepspeed.initialize``. Each setting lives in one place;
-unknown keys raise.
+launcher takes out before handing the rest to ``autowu.deepspeed.initialize``. Each setting lives in one place
+(``autowu.settings``: type, default and help together); unknown keys raise, in ``"train"`` and at DeepSpeed's top
+level. What the launcher fills in: ``gradient_accumulation_steps`` (``resolve_batch``), AutoWU's
+``steps_per_epoch``/``total_epochs``/``seed`` and the ``"auto"`` step counts of DeepSpeed's own schedulers
+(``resolve_schedule_steps``), the monitors' output paths and node-local checkpoint storage.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
-from .deepspeed import load_config
+from .deepspeed import check_config_keys, load_config
+from .settings import from_mapping, setting
 
 
 @dataclass(frozen=True)
 class RunSettings:
-    model: str = "resnet50"                     # a timm model name
-    epochs: int = 90
-    num_classes: Optional[int] = None           # None: from the beton's labels
-    label_smoothing: float = 0.0                # the paper: 0.1 for EfficientNet
-    sync_bn: bool = False                       # the paper: SyncBN for EfficientNet (GPU runs)
-    channels_last: bool = True                  # GPU only
-    data_config: str = "ffcv_configs/rn50_imagenet.json"
-    default_data: Optional[str] = None          # "digits": build the embedded dataset when no data is given
-    checkpoint_every: int = 5                   # epochs; and always at the end
-    log_every: int = 20                         # steps between progress/log readings of the loss
+    """The ``"train"`` block. Fields marked ``cli`` are also ``--name`` options of the launcher, which win."""
+    model: str = setting("resnet50", "a timm model name", cli=True)
+    epochs: int = setting(90, "epochs to train", cli=True)
+    seed: int = setting(0, "seeds the model's initialisation, the data order, the augmentation and AutoWU's "
+                           "subsampling", cli=True)
+    num_classes: Optional[int] = setting(None, "classes; null: from the beton's labels")
+    label_smoothing: float = setting(0.0, "cross-entropy label smoothing (the paper: 0.1 for EfficientNet)")
+    sync_bn: bool = setting(False, "SyncBatchNorm across ranks (the paper: EfficientNet; GPU runs only)")
+    channels_last: bool = setting(True, "channels_last activations (GPU runs only)")
+    data_config: str = setting("ffcv_configs/rn50_imagenet.json", "the data config, relative to the repository")
+    default_data: Optional[str] = setting(None, "\"digits\": build the embedded dataset when no --data_dir is given")
+    checkpoint_every: int = setting(5, "epochs between checkpoints (and always at the end)")
+    log_every: int = setting(20, "optimizer steps between loss readings for the log (a host sync each)")
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -36,23 +42,22 @@ class RunSettings:
             raise ValueError(f"train.default_data: invalid {self.default_data!r}; allowed: null, 'digits'")
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError("train.checkpoint_every and train.log_every must be >= 1")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ValueError(f"train.num_classes must be >= 2 or null, got {self.num_classes}")
 
     @classmethod
     def from_dict(cls, raw: Dict[str, Any], source: str) -> "RunSettings":
-        known = {f.name for f in dataclasses.fields(cls)}
-        if "optimizer" in raw:
+        if isinstance(raw, dict) and "optimizer" in raw:
             raise ValueError(f"{source}: \"train.optimizer\" has moved to the config's top-level \"optimizer\" "
                              "block, where DeepSpeed reads it: {\"type\": \"AdamP\", \"params\": {...}}")
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown keys in \"train\": {unknown}; known: {sorted(known)}")
-        return cls(**raw)
+        return from_mapping(cls, raw, f"{source}: train")
 
 
 def split_config(path: str) -> Tuple[Dict[str, Any], RunSettings]:
     """A ``ds_configs/`` file -> (DeepSpeed's part, the run settings)."""
     config = load_config(path)
     run = RunSettings.from_dict(config.pop("train", {}), source=path)
+    check_config_keys(config, path)
     if "optimizer" not in config:
         raise ValueError(f"{path}: needs an \"optimizer\" block, e.g. the paper's {{\"type\": \"AdamP\", \"params\": "
                          "{\"weight_decay\": 0.1, \"delta\": 0.1, \"wd_ratio\": 0.1}} (AutoWU sets the LR)")

@@ -25,20 +25,21 @@ Under DeepSpeed, ``autowu.deepspeed.initialize`` feeds it the losses instead (``
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 
-from .gp import GPHyperparameters, GPTestSettings, PastMinimumTest
+from .gp import GPHyperparameters, GPTestResult, GPTestSettings, PastMinimumTest
+from .schedule import COOLDOWN_TYPES, WARMUP_TYPES, Schedule
 from .spikes import usable_losses
-from .switch import HOLD, RAMP, SWITCH, SwitchRule
+from .switch import SWITCH, SwitchRule
 
-WARMUP_TYPES = ("exp", "linear")
-COOLDOWN_TYPES = ("cosine", "half_cosine")
 GP_BACKENDS = ("fast", "gpytorch")
 MODES = ("default", "paper")
 # What each mode sets unless the caller sets it: "paper" is the paper's code exactly.
@@ -57,13 +58,33 @@ def _choice(name: str, value: str, allowed) -> str:
     return value
 
 
-def cooldown_factor(progress: float, cooldown_type: str) -> float:
-    """LR multiplier at ``progress`` in [0, 1] of the cooldown: 1 -> 0 for cosine; 0.5 -> 0 for the paper's
-    half_cosine (the second half of a cosine, which halves the LR when the cooldown begins)."""
-    progress = min(max(progress, 0.0), 1.0)
-    if cooldown_type == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return 0.5 + 0.5 * math.cos(0.5 * math.pi * (1.0 + progress))
+@dataclass
+class TestRecord:
+    """One GP test as ``AutoWU.history`` keeps it (as a dict: logs and checkpoints hold plain data)."""
+    step: int                       # optimizer steps taken when the test ran
+    epoch: float
+    lr: float                       # the LR of the last step tested
+    nonfinite: int                  # losses left out as inf/NaN
+    spikes_ignored: int             # finite losses left out by the spike rule
+    at_cap: bool                    # the warmup cap ended the warmup (not enough passes in a row)
+    probability: float = math.nan   # the median fit's max_{i<k} P(f_i < f_k)
+    probabilities: List[float] = field(default_factory=list)
+    votes: int = 0
+    failed_fits: Optional[int] = None   # fits redrawn after a numerical failure (None: no GP result)
+    error: Optional[str] = None         # a GP failure that made the test count as not passed
+    passed: bool = False
+    passes_in_row: int = 0
+    argmin_lr: float = math.nan     # the LR at the predicted minimum (mean over the fits)
+    switched: bool = False
+    action: str = ""                # "ramp", "hold" or "switch" (autowu.switch)
+    seconds: float = 0.0
+
+    def to_dict(self) -> Dict:
+        record = dataclasses.asdict(self)
+        for optional in ("failed_fits", "error"):
+            if record[optional] is None:
+                del record[optional]
+        return record
 
 
 class AutoWU:
@@ -121,6 +142,12 @@ class AutoWU:
             raise ValueError(f"AutoWU: max_warmup_fraction must be in (0, 1], got {max_warmup_fraction}")
         if not 0 <= cooldown_fraction <= 1:
             raise ValueError(f"AutoWU: cooldown_fraction must be in [0, 1], got {cooldown_fraction}")
+        growth = options["max_lr_growth_per_test"]
+        if growth is not None and not growth > 1:
+            raise ValueError(f"AutoWU: max_lr_growth_per_test must be > 1 or None, got {growth!r}")
+        if gp_settings is not None and not isinstance(gp_settings, GPTestSettings):
+            raise TypeError(f"AutoWU: gp_settings must be an autowu.GPTestSettings, got {type(gp_settings).__name__}"
+                            " (from a JSON config, autowu.deepspeed builds it from an object of its fields)")
         if not optimizer.param_groups:
             raise ValueError("AutoWU: the optimizer has no param groups")
 
@@ -135,28 +162,22 @@ class AutoWU:
         self.cooldown_type = _choice("cooldown_type", cooldown_type, COOLDOWN_TYPES)
         self.cooldown_fraction = float(cooldown_fraction)
         self.spike_threshold = options["spike_threshold"]
-        growth = options["max_lr_growth_per_test"]
-        if growth is not None and not growth > 1:
-            raise ValueError(f"AutoWU: max_lr_growth_per_test must be > 1 or None, got {growth!r}")
         self.max_lr_growth_per_test = growth
-        self.rule = SwitchRule(options["patience"], options["hold"], options["peak_fraction"])
-        self.resume_from_argmin = bool(options["resume_from_argmin"])
-        self._hold_argmin_lr: Optional[float] = None
+        self.rule = SwitchRule(options["patience"], options["hold"], options["peak_fraction"],
+                               options["resume_from_argmin"])
         self.patience = self.rule.patience
+        self.resume_from_argmin = self.rule.resume_from_argmin
         self.gp_backend = _choice("gp_backend", gp_backend, GP_BACKENDS)
         self.seed = int(seed)
         self.device = torch.device(device) if device is not None else None
-
-        # The warmup cap in steps, and where a non-immediate cooldown begins (the paper: step >= (1-f) * T).
-        self.max_warmup_steps = max(1, int(self.max_warmup_fraction * self.total_steps))
-        self.cooldown_start_step = min(self.total_steps, math.ceil((1 - self.cooldown_fraction) * self.total_steps))
-        self._warmup_end_cap = min(self.max_warmup_steps, self.cooldown_start_step)
+        self.schedule = Schedule.build(self.total_steps, self.min_lr, self.max_lr, self.max_warmup_fraction,
+                                       self.warmup_type, self.immediate_cooldown, self.cooldown_type,
+                                       self.cooldown_fraction)
         # Steps between GP tests: an epoch (the paper), or fewer where the exponential ramp would otherwise grow
         # the LR by more than max_lr_growth_per_test between two tests (short budgets ramp fast).
         self.test_every = self.steps_per_epoch
         if self.max_lr_growth_per_test is not None and self.warmup_type == "exp":
-            per_growth = self.max_warmup_steps * math.log(self.max_lr_growth_per_test) / math.log(
-                self.max_lr / self.min_lr)
+            per_growth = self.schedule.steps_per_growth(self.max_lr_growth_per_test)
             self.test_every = max(1, min(self.steps_per_epoch, int(per_growth)))
 
         settings = gp_settings or GPTestSettings()
@@ -179,12 +200,7 @@ class AutoWU:
 
         self.last_step = 0
         self.phase = "warmup"
-        # The decisions the schedule is a function of: where the ramp was held, the switch and its LR.
-        self.holds: List[List[Optional[int]]] = []   # [first held step, first step ramping again or None]
-        self.rewinds: List[List[float]] = []          # [step, ramp steps taken back]: a hold that failed
-        self.switch_step: Optional[int] = None
-        self.peak_lr: Optional[float] = None
-        self.history: List[Dict] = []
+        self.history: List[Dict] = []   # TestRecord.to_dict() of every test
         self.switch_curve: Optional[Dict] = None
         self._num_reduced = 0
         self._hyper = GPHyperparameters.initial(settings)
@@ -193,46 +209,37 @@ class AutoWU:
         self._restored_losses: Optional[torch.Tensor] = None
         self._set_lrs()
 
-    # ---------------------------------------------------------------- the schedule, as a pure function
-    def warmup_lr(self, step: float) -> float:
-        """The warmup LR at (possibly fractional) ``step``: ``min_lr`` at 0, ``max_lr`` at the cap."""
-        fraction = step / self.max_warmup_steps
-        if self.warmup_type == "exp":
-            return self.min_lr * (self.max_lr / self.min_lr) ** fraction
-        return self.min_lr + (self.max_lr - self.min_lr) * fraction
+    # ---------------------------------------------------------------- the schedule (autowu.schedule) and decisions
+    @property
+    def max_warmup_steps(self) -> int:
+        return self.schedule.max_warmup_steps
+
+    @property
+    def cooldown_start_step(self) -> int:
+        return self.schedule.cooldown_start_step
+
+    # The decisions are the switch rule's (autowu.switch); these names are the scheduler's public view of them.
+    holds = property(lambda self: self.rule.holds, lambda self, value: setattr(self.rule, "holds", value))
+    rewinds = property(lambda self: self.rule.rewinds, lambda self, value: setattr(self.rule, "rewinds", value))
+    switch_step = property(lambda self: self.rule.switch_step)
+    peak_lr = property(lambda self: self.rule.peak_lr)
+
+    def warmup_lr(self, position: float) -> float:
+        """The ramp's LR at (possibly fractional) ramp position ``position``: ``min_lr`` at 0, ``max_lr`` at the cap."""
+        return self.schedule.warmup_lr(position)
 
     def ramp_position(self, step: float) -> float:
-        """Steps the ramp has advanced by ``step``: the steps so far less those spent holding."""
-        held = 0.0
-        for start, end in self.holds:
-            if start < step:
-                held += min(step, end if end is not None else step) - start
-        for start, back in self.rewinds:
-            if start <= step:
-                held += back
-        return step - held
-
-    def _ramp_position_of(self, lr: float) -> float:
-        """Where on the ramp the warmup LR is ``lr`` (the inverse of ``warmup_lr``)."""
-        if self.warmup_type == "exp":
-            return self.max_warmup_steps * math.log(lr / self.min_lr) / math.log(self.max_lr / self.min_lr)
-        return self.max_warmup_steps * (lr - self.min_lr) / (self.max_lr - self.min_lr)
+        """Steps the ramp has advanced by ``step``: the steps so far less those spent holding or taken back."""
+        return self.schedule.ramp_position(step, self.rule)
 
     def warmup_lr_at(self, step: float) -> float:
         """The warmup LR used at (possibly fractional) step index ``step``, holds included."""
-        return self.warmup_lr(self.ramp_position(step))
+        return self.schedule.warmup_lr_at(step, self.rule)
 
     def lr_at(self, step: int) -> float:
         """The schedule's LR for step index ``step`` (0-based): a pure function of the step and the decisions
         taken so far (``holds``, ``rewinds``, ``switch_step``, ``peak_lr``)."""
-        if self.switch_step is None or step < self.switch_step:
-            return self.warmup_lr_at(step)
-        if step >= self.total_steps:
-            return 0.0
-        start = self.switch_step if self.immediate_cooldown else max(self.switch_step, self.cooldown_start_step)
-        if step < start:
-            return self.peak_lr
-        return self.peak_lr * cooldown_factor((step - start) / max(1, self.total_steps - start), self.cooldown_type)
+        return self.schedule.lr(step, self.rule)
 
     def _set_lrs(self) -> None:
         lr = self.lr_at(self.last_step)
@@ -270,7 +277,7 @@ class AutoWU:
             self._record(loss)
         self.last_step += 1
         if self.phase == "warmup":
-            if self.last_step >= self._warmup_end_cap:
+            if self.last_step >= self.schedule.warmup_end_cap:
                 self._test(at_cap=True)
             elif self.last_step % self.test_every == 0:
                 self._test(at_cap=False)
@@ -280,7 +287,8 @@ class AutoWU:
     def _record(self, loss) -> None:
         if self._losses is None:
             device = self.device or (loss.device if torch.is_tensor(loss) else torch.device("cpu"))
-            self._losses = torch.full((self._warmup_end_cap,), float("nan"), dtype=torch.float32, device=device)
+            self._losses = torch.full((self.schedule.warmup_end_cap,), float("nan"), dtype=torch.float32,
+                                      device=device)
             if self._restored_losses is not None:  # from load_state_dict, now on the losses' own device
                 self._losses[:len(self._restored_losses)] = self._restored_losses.to(device)
                 self._restored_losses = None
@@ -289,65 +297,70 @@ class AutoWU:
         self._losses[self.last_step] = loss  # a device-side copy: no host synchronisation
 
     def _test(self, at_cap: bool) -> None:
-        """Run the GP test on every loss so far; switch after ``patience`` passes in a row or at the cap."""
+        """Measure (the GP test on every loss so far), agree (every rank takes rank 0's answer), apply (the
+        switch rule's decision, and the record)."""
         started = time.perf_counter()
+        record, result, losses, usable = self._measure(at_cap)
+        passed, argmin_lr = self._agree(record.passed, record.argmin_lr)
+        action = self.rule.decide(passed, at_cap, record.step, argmin_lr, self.schedule)
+        record.at_cap = at_cap and self.rule.switched_by_cap
+        record.passed, record.argmin_lr, record.action = passed, argmin_lr, action
+        record.passes_in_row, record.switched = self.rule.passes_in_row, action == SWITCH
+        record.seconds = time.perf_counter() - started
+        self.history.append(record.to_dict())
+        if action == SWITCH:
+            self._enter_decay(result, losses, usable)
+
+    def _measure(self, at_cap: bool):
+        """The GP test on the losses so far (all-reduced over ranks first): the record, with this rank's
+        ``passed`` and ``argmin_lr``, the GP result (None if there was none), the losses and the usable mask."""
         n = self.last_step
         self.reduce_pending_losses()  # one all-reduce per test
-        losses = self._losses[:n].double().cpu().numpy()  # the one host sync of an epoch
+        losses = self._losses[:n].double().cpu().numpy()  # the one host sync of a test
         usable = usable_losses(losses, self.spike_threshold)
-        record = {"step": n, "epoch": n / self.steps_per_epoch, "lr": self.warmup_lr_at(n - 1),
-                  "nonfinite": int((~np.isfinite(losses)).sum()),
-                  "spikes_ignored": int(np.isfinite(losses).sum() - usable.sum()), "at_cap": at_cap}
-        result = None
-        if usable.sum() >= 2:
-            try:
-                result, self._hyper = self._gp_test(losses, usable, self._hyper, self._generator)
-            except (ImportError, AttributeError, TypeError, NameError):
-                raise  # a broken install or a bug, not a numerical failure: it would fail every test silently
-            except Exception as err:  # a numerical GP failure must never end a training run
-                warnings.warn(f"AutoWU: GP test at step {n} failed ({err!r}); counted as not passed")
-                record["error"] = repr(err)
+        record = TestRecord(step=n, epoch=n / self.steps_per_epoch, lr=self.warmup_lr_at(n - 1),
+                            nonfinite=int((~np.isfinite(losses)).sum()),
+                            spikes_ignored=int(np.isfinite(losses).sum() - usable.sum()), at_cap=at_cap)
+        result = self._gp_result(losses, usable, record) if usable.sum() >= 2 else None
         if result is not None and result.argmin_x:
-            argmin_lr = float(np.mean([self.warmup_lr_at(x * n) for x in result.argmin_x]))
-            passed = result.passed
-            record.update(probability=result.probability, probabilities=list(result.probabilities),
-                          votes=result.votes, failed_fits=result.failed_fits)
+            record.argmin_lr = float(np.mean([self.warmup_lr_at(x * n) for x in result.argmin_x]))
+            record.passed = result.passed
+            record.probability, record.probabilities = result.probability, list(result.probabilities)
+            record.votes, record.failed_fits = result.votes, result.failed_fits
         else:
-            argmin_lr, passed = self.warmup_lr_at(n - 1), False
-            record.update(probability=float("nan"), probabilities=[], votes=0)
-        if self.decision_sync is not None:
-            decision = torch.tensor([float(passed), argmin_lr], dtype=torch.float64, device=self._losses.device)
-            synced = self.decision_sync(decision).cpu()
-            passed, argmin_lr = bool(synced[0] > 0.5), float(synced[1])
-        action = self.rule.update(passed, at_cap)
-        switch = action == SWITCH
-        record["at_cap"] = at_cap and self.rule.passes_in_row < self.rule.patience  # switched by the cap
-        holding = bool(self.holds) and self.holds[-1][1] is None
-        if action == HOLD and not holding:
-            self.holds.append([n, None])
-            self._hold_argmin_lr = argmin_lr
-        elif action != HOLD and holding:
-            self.holds[-1][1] = n
-            if action == RAMP and self.resume_from_argmin:
-                # The pass was not confirmed: ramp again, from the LR its test saw as the minimum rather
-                # than from the held LR, which was already past it.
-                back = self.ramp_position(n) - self._ramp_position_of(min(self._hold_argmin_lr, self.warmup_lr_at(n)))
-                if back > 0:
-                    self.rewinds.append([n, back])
-        record.update(passed=passed, passes_in_row=self.rule.passes_in_row, argmin_lr=argmin_lr, switched=switch,
-                      action=action, seconds=time.perf_counter() - started)
-        self.history.append(record)
-        if switch:
-            self.phase = "decay"
-            self.switch_step = n
-            self.peak_lr = self.rule.peak_lr(argmin_lr)
-            self._losses = self._restored_losses = None  # the buffer is only needed during warmup
-            if result is not None:
-                # What the GP saw and predicted at the switch, for logs and plots.
-                self.switch_curve = {"step": n, "x": result.grid.tolist(), "mean": result.curve_mean.tolist(),
-                                     "std": result.curve_std.tolist(),
-                                     "lr": [self.warmup_lr_at(x * n) for x in result.grid],
-                                     "losses": losses.tolist(), "usable": usable.tolist()}
+            record.argmin_lr = self.warmup_lr_at(n - 1)
+        return record, result, losses, usable
+
+    def _gp_result(self, losses: np.ndarray, usable: np.ndarray, record: TestRecord) -> Optional[GPTestResult]:
+        """The GP test's result; a numerical failure counts as a test not passed, never ends the run."""
+        try:
+            result, self._hyper = self._gp_test(losses, usable, self._hyper, self._generator)
+            return result
+        except (ImportError, AttributeError, TypeError, NameError):
+            raise  # a broken install or a bug, not a numerical failure: it would fail every test silently
+        except Exception as err:
+            warnings.warn(f"AutoWU: GP test at step {record.step} failed ({err!r}); counted as not passed")
+            record.error = repr(err)
+            return None
+
+    def _agree(self, passed: bool, argmin_lr: float):
+        """Every rank takes rank 0's answer (through ``decision_sync``), so all switch at the same step."""
+        if self.decision_sync is None:
+            return passed, argmin_lr
+        decision = torch.tensor([float(passed), argmin_lr], dtype=torch.float64, device=self._losses.device)
+        synced = self.decision_sync(decision).cpu()
+        return bool(synced[0] > 0.5), float(synced[1])
+
+    def _enter_decay(self, result: Optional[GPTestResult], losses: np.ndarray, usable: np.ndarray) -> None:
+        n = self.last_step
+        self.phase = "decay"
+        self._losses = self._restored_losses = None  # the buffer is only needed during warmup
+        if result is not None:
+            # What the GP saw and predicted at the switch, for logs and plots.
+            self.switch_curve = {"step": n, "x": result.grid.tolist(), "mean": result.curve_mean.tolist(),
+                                 "std": result.curve_std.tolist(),
+                                 "lr": [self.warmup_lr_at(x * n) for x in result.grid],
+                                 "losses": losses.tolist(), "usable": usable.tolist()}
 
     def reduce_pending_losses(self) -> None:
         """All-reduce (through ``loss_reducer``) the losses buffered since the last reduction.
@@ -366,12 +379,13 @@ class AutoWU:
         losses = self._restored_losses
         if self._losses is not None:
             losses = self._losses[:self.last_step].detach().cpu().clone()
+        decisions = self.rule.state_dict()
         return {
-            "last_step": self.last_step, "phase": self.phase, "switch_step": self.switch_step,
-            "peak_lr": self.peak_lr, "history": [dict(r) for r in self.history],
-            "switch_curve": self.switch_curve, "rule": self.rule.state_dict(),
-            "holds": [list(h) for h in self.holds], "rewinds": [list(r) for r in self.rewinds],
-            "hold_argmin_lr": self._hold_argmin_lr,
+            "last_step": self.last_step, "phase": self.phase, "switch_step": decisions["switch_step"],
+            "peak_lr": decisions["peak_lr"], "history": [dict(r) for r in self.history],
+            "switch_curve": self.switch_curve, "rule": {"passes_in_row": decisions["passes_in_row"]},
+            "holds": decisions["holds"], "rewinds": decisions["rewinds"],
+            "hold_argmin_lr": decisions["hold_argmin_lr"],
             "num_reduced": self._num_reduced, "gp_hyperparameters": self._hyper.state_dict(),
             "generator_state": self._generator.get_state(), "losses": losses,
             "settings": self.state_dict_settings(),
@@ -396,15 +410,14 @@ class AutoWU:
                              + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in mismatched.items()))
         self.last_step = int(state["last_step"])
         self.phase = state["phase"]
-        self.switch_step = state["switch_step"]
-        self.peak_lr = state["peak_lr"]
         self.history = [dict(r) for r in state["history"]]
         self.switch_curve = state["switch_curve"]
         # (Checkpoints from before the switch rule had its own state carry only the pass count.)
-        self.rule.load_state_dict(state.get("rule", {"passes_in_row": state.get("passes_in_row", 0)}))
-        self.holds = [list(h) for h in state.get("holds", [])]
-        self.rewinds = [list(r) for r in state.get("rewinds", [])]
-        self._hold_argmin_lr = state.get("hold_argmin_lr")
+        rule = state.get("rule", {"passes_in_row": state.get("passes_in_row", 0)})
+        self.rule.load_state_dict({"passes_in_row": rule["passes_in_row"], "holds": state.get("holds", []),
+                                   "rewinds": state.get("rewinds", []),
+                                   "hold_argmin_lr": state.get("hold_argmin_lr"),
+                                   "switch_step": state["switch_step"], "peak_lr": state["peak_lr"]})
         self._num_reduced = int(state["num_reduced"])
         self._hyper = GPHyperparameters.from_state_dict(state["gp_hyperparameters"])
         self._generator.set_state(state["generator_state"])

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .schedule import Schedule
+
 
 @dataclass(frozen=True)
 class LossCurve:
@@ -53,7 +55,9 @@ class LossCurve:
 def exponential_warmup_lrs(num_steps: int, warmup_steps: int, min_lr: float = 1e-5,
                            max_lr: float = 1.0) -> np.ndarray:
     """The LR each of the first ``num_steps`` steps trains at under AutoWU's exponential warmup."""
-    return min_lr * (max_lr / min_lr) ** (np.arange(num_steps) / warmup_steps)
+    ramp = Schedule(min_lr=min_lr, max_lr=max_lr, max_warmup_steps=warmup_steps, total_steps=num_steps,
+                    cooldown_start_step=num_steps, warmup_type="exp")
+    return ramp.warmup_lr(np.arange(num_steps))
 
 
 def run_scheduler(scheduler, curve: LossCurve, seed: int = 0, spike_rate: float = 0.0,

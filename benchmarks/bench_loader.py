@@ -77,9 +77,9 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         make_jpegs(tmp, args.images)
         write_betons(tmp, os.path.join(tmp, "betons"), WriteConfig(num_workers=args.workers), progress=False)
-        config = TrainLoaderConfig(resolution=args.resolution, batch_size=args.batch_size,
+        config = TrainLoaderConfig(resolution=args.resolution,
                                    num_workers=args.workers, batches_ahead=3)
-        ffcv = train_loader(os.path.join(tmp, "betons", "train.beton"), config)
+        ffcv = train_loader(os.path.join(tmp, "betons", "train.beton"), config, args.batch_size)
         time_epochs(ffcv, 1)  # numba compilation
         ffcv_rates = time_epochs(ffcv, args.epochs)
 

@@ -185,9 +185,9 @@ def main(argv=None):
     results["device"] = torch.cuda.get_device_name() if not dry else "cpu (dry run)"
     beton = os.path.join(work, "betons", "train.beton")
     results["beton_mib"] = os.path.getsize(beton) / 2**20
-    train_config = dataclasses.replace(data.train, batch_size=batch)
+    train_config = data.train
     results["loader_threads"] = loader_workers(train_config.num_workers)
-    loader = train_loader(beton, train_config, device=device, seed=0)
+    loader = train_loader(beton, train_config, batch, device=device, seed=0)
     steps_per_epoch = len(loader)
 
     results["loader"] = time_batches(lambda: loader, device, args.epochs)

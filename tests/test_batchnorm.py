@@ -1,7 +1,6 @@
 """SyncBN the way the paper's EfficientNet needs it: timm's conversion keeps BatchNormAct2d's activation; torch's
 loses it. (Averaging the running statistics over ranks is tested on real engines in test_adamp.py.)"""
 import copy
-import importlib.util
 
 import pytest
 import timm
@@ -10,7 +9,7 @@ from timm.layers import BatchNormAct2d, SyncBatchNormAct
 
 from autowu.batchnorm import check_norm_act, convert_sync_batchnorm
 from autowu.run_config import RunSettings
-from conftest import REPO
+from autowu.training import build_model
 
 
 def count(model, cls):
@@ -42,12 +41,9 @@ def test_timms_conversion_keeps_efficientnets_activations_and_torchs_does_not():
 
 
 def test_the_launcher_converts_with_timm_and_refuses_sync_bn_on_cpu():
-    spec = importlib.util.spec_from_file_location("train_script", REPO / "launch" / "train.py")
-    train_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_script)
     with pytest.raises(ValueError, match="SyncBatchNorm runs on GPUs only"):
-        train_script.build_model(RunSettings(model="test_efficientnet", sync_bn=True), 7, torch.device("cpu"), True)
+        build_model(RunSettings(model="test_efficientnet", sync_bn=True), 7, torch.device("cpu"), True)
     # One rank: nothing to synchronise, the model is built as it is.
-    model = train_script.build_model(RunSettings(model="test_efficientnet", sync_bn=True), 7, torch.device("cpu"),
+    model = build_model(RunSettings(model="test_efficientnet", sync_bn=True), 7, torch.device("cpu"),
                                      False)
     assert count(model, torch.nn.SyncBatchNorm) == 0

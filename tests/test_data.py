@@ -74,12 +74,12 @@ def test_val_loader_reads_back_the_source_images_and_labels(digits):
 def test_train_loader_shapes_order_per_seed_and_lighting(digits):
     _, out, _ = digits
     beton = os.path.join(out, "train.beton")
-    config = TrainLoaderConfig(resolution=24, batch_size=32, num_workers=1)
+    config, batch = TrainLoaderConfig(resolution=24, num_workers=1), 32
 
     def epochs(loader, count=1):
         return [[(x.clone(), y.clone()) for x, y in loader] for _ in range(count)]
 
-    seed0_epoch0, seed0_epoch1 = epochs(train_loader(beton, config, seed=0), 2)
+    seed0_epoch0, seed0_epoch1 = epochs(train_loader(beton, config, batch, seed=0), 2)
     images, labels = seed0_epoch0[0]
     assert images.shape == (32, 3, 24, 24) and images.dtype == torch.float32 and labels.dtype == torch.int64
     assert images.is_contiguous(memory_format=torch.channels_last)
@@ -89,11 +89,11 @@ def test_train_loader_shapes_order_per_seed_and_lighting(digits):
         return torch.cat([y for _, y in batches]).tolist()
 
     assert order(seed0_epoch0) != order(seed0_epoch1)  # a new order every epoch
-    again, = epochs(train_loader(beton, config, seed=0))
+    again, = epochs(train_loader(beton, config, batch, seed=0))
     assert order(again) == order(seed0_epoch0)  # the same seed, the same order
-    other, = epochs(train_loader(beton, config, seed=1))
+    other, = epochs(train_loader(beton, config, batch, seed=1))
     assert order(other) != order(seed0_epoch0)
-    resumed, = epochs(train_loader(beton, config, seed=0, epoch=1))
+    resumed, = epochs(train_loader(beton, config, batch, seed=0, epoch=1))
     assert order(resumed) == order(seed0_epoch1)  # a resumed run reads epoch 1's order
     # Augmentation from (seed, epoch, sample): the same seed gives the same pixels, a resume its unbroken self's.
     pixels = lambda batches: torch.cat([x for x, _ in batches])  # noqa: E731
@@ -107,10 +107,10 @@ def test_gpu_style_lighting_bias_computes_the_cpu_paths_augmentation(digits):
     pass, on the same images, seed and epoch: the same augmentation."""
     _, out, _ = digits
     beton = os.path.join(out, "train.beton")
-    config = TrainLoaderConfig(resolution=24, batch_size=64, num_workers=1, flip=True, lighting_alphastd=0.1)
-    fused = train_loader(beton, config, seed=3, epoch=2)
-    on_batch = train_loader(beton, config, seed=3, epoch=2, lighting_on_batch=True)
-    no_lighting = train_loader(beton, TrainLoaderConfig(**{**config.__dict__, "lighting_alphastd": 0.0}),
+    config = TrainLoaderConfig(resolution=24, num_workers=1, flip=True, lighting_alphastd=0.1)
+    fused = train_loader(beton, config, 64, seed=3, epoch=2)
+    on_batch = train_loader(beton, config, 64, seed=3, epoch=2, lighting_on_batch=True)
+    no_lighting = train_loader(beton, TrainLoaderConfig(**{**config.__dict__, "lighting_alphastd": 0.0}), 64,
                                seed=3, epoch=2, lighting_on_batch=True)
     assert not fused.adds_lighting_bias and on_batch.adds_lighting_bias and not no_lighting.adds_lighting_bias
     for (a, la), (b, lb), (c, _) in zip(fused, on_batch, no_lighting):
@@ -216,24 +216,24 @@ def test_shards_on_two_ranks_are_disjoint_and_cover_the_set(tmp_path):
 def test_bad_input_gets_one_clear_error(digits, tmp_path):
     _, out, _ = digits
     with pytest.raises(FileNotFoundError, match="beton not found: .*missing.beton"):
-        train_loader(str(tmp_path / "missing.beton"), TrainLoaderConfig())
+        train_loader(str(tmp_path / "missing.beton"), TrainLoaderConfig(), 32)
     not_beton = tmp_path / "fake.beton"
     not_beton.write_bytes(b"\0" * 100)
     with pytest.raises(ValueError, match="not a readable FFCV beton"):
         val_loader(str(not_beton), ValLoaderConfig())
     with pytest.raises(ValueError, match="fewer than one batch of 4096"):
-        train_loader(os.path.join(out, "train.beton"), TrainLoaderConfig(batch_size=4096))
+        train_loader(os.path.join(out, "train.beton"), TrainLoaderConfig(), 4096)
     with pytest.raises(RuntimeError, match="process group"):
-        train_loader(os.path.join(out, "train.beton"), TrainLoaderConfig(), distributed=True)
-    with pytest.raises(ValueError, match="train.batch_size is not set"):
-        train_loader(os.path.join(out, "train.beton"), TrainLoaderConfig())
+        train_loader(os.path.join(out, "train.beton"), TrainLoaderConfig(), 32, distributed=True)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        train_loader(os.path.join(out, "train.beton"), TrainLoaderConfig(), 0)
     with pytest.raises(FileNotFoundError, match="image folder not found"):
         write_betons(str(tmp_path / "nowhere"), str(tmp_path / "o"), WRITE, progress=False)
     os.makedirs(tmp_path / "empty" / "train" / "cat")
     os.makedirs(tmp_path / "empty" / "val" / "cat")
     with pytest.raises(ValueError, match="no images"):
         write_betons(str(tmp_path / "empty"), str(tmp_path / "o"), WRITE, progress=False)
-    with pytest.raises(ValueError, match="unknown keys \\['resolutoin'\\]"):
+    with pytest.raises(ValueError, match="unknown key 'resolutoin' \\(did you mean 'resolution'\\?\\)"):
         DataConfig.from_dict({"train": {"resolutoin": 224}})
     with pytest.raises(ValueError, match="write_mode"):
         DataConfig.from_dict({"write": {"write_mode": "png"}})

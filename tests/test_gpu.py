@@ -36,9 +36,9 @@ def digits_betons(tmp_path_factory):
 def test_gpu_loaders_match_the_cpu_path(digits_betons):
     from autowu.data import TrainLoaderConfig, ValLoaderConfig, train_loader, val_loader
     beton = str(digits_betons / "train.beton")
-    config = TrainLoaderConfig(resolution=32, batch_size=64, num_workers=4, flip=True, lighting_alphastd=0.1)
-    gpu = train_loader(beton, config, device="cuda", seed=1, epoch=3)
-    cpu = train_loader(beton, config, device="cpu", seed=1, epoch=3)
+    config = TrainLoaderConfig(resolution=32, num_workers=4, flip=True, lighting_alphastd=0.1)
+    gpu = train_loader(beton, config, 64, device="cuda", seed=1, epoch=3)
+    cpu = train_loader(beton, config, 64, device="cpu", seed=1, epoch=3)
     assert gpu.adds_lighting_bias and not cpu.adds_lighting_bias
     batches = 0
     for (a, la), (b, lb) in zip(gpu, cpu):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple, Type, TypeVar
 
 from ..jsonfile import read_json
+from ..settings import from_mapping, unknown_keys_error
 
 T = TypeVar("T")
 
@@ -33,10 +34,9 @@ class WriteConfig:
 
 @dataclass(frozen=True)
 class TrainLoaderConfig:
+    """How the training loader reads; its batch size a rank is DeepSpeed's ``train_micro_batch_size_per_gpu``
+    (the one place it is set), passed to ``train_loader`` beside this config."""
     resolution: int = 224
-    # Per data-parallel rank. The launcher takes it from DeepSpeed's train_micro_batch_size_per_gpu (one
-    # place for it); a data config that names a different one is refused there.
-    batch_size: Optional[int] = None
     num_workers: Optional[int] = None   # None: the cores this process may use / ranks on the node (loaders.py)
     scale: Tuple[float, float] = (0.08, 1.0)   # random-resized-crop area range
     ratio: Tuple[float, float] = (3 / 4, 4 / 3)
@@ -49,8 +49,6 @@ class TrainLoaderConfig:
 
     def __post_init__(self):
         _check_range("train.resolution", self.resolution, 8, 4096)
-        if self.batch_size is not None:
-            _check_range("train.batch_size", self.batch_size, 1, 1 << 20)
         _check_range("train.lighting_alphastd", self.lighting_alphastd, 0.0, 10.0)
         _check_choice("train.order", self.order, ("random", "quasi_random"))
 
@@ -78,13 +76,14 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, raw: Dict[str, Any], source: str = "config") -> "DataConfig":
-        unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)} - {"description"})
+        if not isinstance(raw, dict):
+            raise ValueError(f"{source}: a data config is a JSON object with write, train and val sections")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - names - {"description"}
         if unknown:
-            raise ValueError(f"{source}: unknown sections {unknown}; known: write, train, val")
-        sections = {}
-        for f in dataclasses.fields(cls):
-            sections[f.name] = _build(f.default_factory, raw.get(f.name, {}), f"{source}: {f.name}")
-        return cls(**sections)
+            raise unknown_keys_error(source, unknown, names)
+        return cls(**{f.name: _build(f.default_factory, raw.get(f.name, {}), f"{source}: {f.name}")
+                      for f in dataclasses.fields(cls)})
 
     @classmethod
     def from_json(cls, path: str) -> "DataConfig":
@@ -96,14 +95,10 @@ class DataConfig:
 
 
 def _build(section_cls: Type[T], values: Dict[str, Any], where: str) -> T:
-    if not isinstance(values, dict):
-        raise ValueError(f"{where} must be an object, got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(section_cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(fields)}")
-    converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return section_cls(**converted)
+    if section_cls is TrainLoaderConfig and isinstance(values, dict) and "batch_size" in values:
+        raise ValueError(f"{where}: batch_size is not a data setting: the per-rank batch is the DeepSpeed "
+                         "config's train_micro_batch_size_per_gpu; remove it here")
+    return from_mapping(section_cls, values, where)
 
 
 def _check_choice(name, value, allowed):

@@ -158,10 +158,11 @@ def _train_loader_class():
     return type("TrainLoader", (_TrainLoader, Loader), {})
 
 
-def train_loader(path: str, config: TrainLoaderConfig, device="cpu", distributed: bool = False,
+def train_loader(path: str, config: TrainLoaderConfig, batch_size: int, device="cpu", distributed: bool = False,
                  seed: int = 0, epoch: int = 0, dtype=None, indices=None,
                  lighting_on_batch: Optional[bool] = None):
-    """The training loader. ``epoch`` sets where the sample order and the augmentations start (a resumed run
+    """The training loader, ``batch_size`` images a rank (the launcher's: DeepSpeed's
+    ``train_micro_batch_size_per_gpu``, its one owner). ``epoch`` sets where the sample order and the augmentations start (a resumed run
     passes its epoch; FFCV does not checkpoint it). ``seed`` seeds both. ``lighting_on_batch``: add the
     lighting to the normalised batch as a per-image bias (the GPU path; default on CUDA and for non-float32
     output) instead of the CPU's fused flip-lighting-normalise pass; both compute the same augmentation."""
@@ -173,10 +174,9 @@ def train_loader(path: str, config: TrainLoaderConfig, device="cpu", distributed
     device = torch.device(device)
     info = beton_info(path)
     world = _distributed_world(distributed)
-    if config.batch_size is None:
-        raise ValueError("train loader: train.batch_size is not set (the launcher sets it to DeepSpeed's "
-                         "train_micro_batch_size_per_gpu; set it yourself when using the loader on its own)")
-    _check_batches(path, info, config.batch_size, world, config.drop_last)
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"train loader: batch_size must be a positive integer, got {batch_size!r}")
+    _check_batches(path, info, batch_size, world, config.drop_last)
     if config.order == "quasi_random" and distributed:
         raise ValueError("train.order quasi_random does not work with distributed loading in FFCV 1.0.2; "
                          "use random")
@@ -203,7 +203,7 @@ def train_loader(path: str, config: TrainLoaderConfig, device="cpu", distributed
     order = OrderOption.QUASI_RANDOM if config.order == "quasi_random" else OrderOption.RANDOM
     warn_if_page_cache_too_small(path, config.os_cache)
     loader = _train_loader_class()(path, epoch_cell=cell, adds_lighting_bias=adds_lighting_bias,
-                                   batch_size=config.batch_size, num_workers=loader_workers(config.num_workers),
+                                   batch_size=batch_size, num_workers=loader_workers(config.num_workers),
                                    os_cache=config.os_cache, order=order, distributed=distributed, seed=seed,
                                    drop_last=config.drop_last, batches_ahead=config.batches_ahead,
                                    indices=indices, pipelines=pipelines)

@@ -16,8 +16,8 @@ args = parser.parse_args()
 beton, out = args.beton, args.out
 deepspeed.init_distributed(dist_backend="gloo")
 rank = dist.get_rank()
-train = train_loader(beton, TrainLoaderConfig(resolution=16, batch_size=4, num_workers=1, flip=False,
-                                              lighting_alphastd=0.0), distributed=True, seed=3)
+train = train_loader(beton, TrainLoaderConfig(resolution=16, num_workers=1, flip=False,
+                                              lighting_alphastd=0.0), 4, distributed=True, seed=3)
 val = val_loader(beton, ValLoaderConfig(resolution=16, batch_size=4, num_workers=1), distributed=True)
 seen = {"train_epoch0": [int(v) for _, y in train for v in y],
         "train_epoch1": [int(v) for _, y in train for v in y],
