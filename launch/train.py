@@ -111,6 +111,21 @@ def route_monitors(ds_config, out_dir):
                                   "job_name": ds_config[monitor].get("job_name", "autowu")}
 
 
+def build_loaders(data_dir, run, data_config, micro_batch, accumulation, device):
+    """The betons' loaders, and what the run needs to know of them."""
+    paths, infos = prepare_data(data_dir, run)
+    num_classes = run.num_classes or num_classes_of(paths["train"])
+    distributed = dist.get_world_size() > 1
+    loader = train_loader(paths["train"], data_config.train, micro_batch, device=device, distributed=distributed,
+                          seed=run.seed)
+    steps_per_epoch = len(loader) // accumulation
+    if steps_per_epoch < 1:
+        raise ValueError(f"{paths['train']}: {len(loader)} micro-batches a rank, fewer than one optimizer step of "
+                         f"{accumulation} accumulated micro-batches")
+    val = val_loader(paths["val"], data_config.val, device=device, distributed=distributed)
+    return infos, loader, val, steps_per_epoch, num_classes
+
+
 def end_on_lost_peer(err, watch, checkpoints, release_buffers):
     """A rank or a node is gone (killed, crashed, unreachable): its peers' collectives fail. Name it, end this
     process now (no teardown that would wait on the dead peer), and leave the last checkpoint. Returns if every
@@ -145,15 +160,8 @@ def main(argv=None):
     checkpoints = Checkpoints(out_dir, ds_config, args.deepspeed_config, log)
     resume_tag = checkpoints.latest_tag() if args.resume else None
 
-    paths, infos = prepare_data(args.data_dir, run)
-    num_classes = run.num_classes or num_classes_of(paths["train"])
-    loader = train_loader(paths["train"], data_config.train, micro_batch, device=device, distributed=world > 1,
-                          seed=run.seed)
-    steps_per_epoch = len(loader) // accumulation
-    if steps_per_epoch < 1:
-        raise ValueError(f"{paths['train']}: {len(loader)} micro-batches a rank, fewer than one optimizer step of "
-                         f"{accumulation} accumulated micro-batches")
-    val = val_loader(paths["val"], data_config.val, device=device, distributed=world > 1)
+    infos, loader, val, steps_per_epoch, num_classes = build_loaders(args.data_dir, run, data_config, micro_batch,
+                                                                     accumulation, device)
 
     # The model and the engine: the optimizer (AdamP, ZeRO-aware) and AutoWU (or a reference schedule) from the JSON.
     resolve_schedule_steps(ds_config, steps_per_epoch * run.epochs, args.deepspeed_config)

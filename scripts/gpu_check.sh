@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: one call on the lent GPU machine, at most 6 minutes of wall time, with the kit built here by
+# The GPU check: one command on a GPU machine (Python 3.12, torch 2.11, no network), at most 6 minutes of wall time, with the kit built here by
 # scripts/gpu_kit.sh (carried as .gpu_kit). Writes its results under $OUT (or the folder given):
 #   summary.json        every step's exit status and seconds, the environment, the figures below
 #   gpu_check.log       every step's output
@@ -8,8 +8,8 @@
 #   engine_syncs.json, digits_gpu.json   what those tests measured
 #   throughput.json     benchmarks/gpu_throughput.py: FFCV loader, FFCV + DeepSpeed training, model only,
 #                       torchvision's loader, channels_last under ZeRO; and their ratios
-# On the device tool:  run(command="bash scripts/gpu_check.sh", carry=[".gpu_kit"], timeout_s=420)
-# Here, before spending device minutes:  bash scripts/gpu_check.sh --dry-run [OUT_DIR]
+# There, with .gpu_kit copied beside the repository:  bash scripts/gpu_check.sh [OUT_DIR]
+# Here first, on the CPU:  bash scripts/gpu_check.sh --dry-run [OUT_DIR]
 #   the same steps up to the CUDA calls: the kit installs for Python 3.12 and loads without this machine's
 #   OpenCV and libjpeg-turbo, the GPU tests are collected, the throughput script runs on the CPU with a tiny model.
 set -uo pipefail

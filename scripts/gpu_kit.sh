@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Build .gpu_kit/ here, on the CPU machine: what the lent GPU machine's image lacks to run scripts/gpu_check.sh.
-# That image (the device tool's KINDS.md): Python 3.12, torch 2.11, cupy-cuda13x, numba, timm, gpytorch,
+# Build .gpu_kit/ here, on a CPU machine with network: what a GPU machine's image lacks to run scripts/gpu_check.sh.
+# The image this kit targets: Python 3.12, torch 2.11, cupy-cuda13x, numba, timm, gpytorch,
 # opencv-python-headless, scikit-learn, pytest; no deepspeed, no ffcv, no apt, no network. The kit holds:
 #   wheels/  deepspeed (built from its sdist; DeepSpeed publishes none) and the requirements the image lacks
 #            (pydantic and its core for cp312, hjson; pytorch-pfn-extras for FFCV's GPU normalisation);
 #            FFCV built against the limited C API (abi3: its extension calls PyModule_Create2 alone, so one
 #            build loads on 3.12) with libturbojpeg, OpenCV core/imgproc and all they load bundled in
 #            (scripts/kit_bundle.py), plus this project's resize library;
-#   kit.json what is in it, the glibc it needs, its size (at most 48 MiB: project and kit travel together
-#            under the device tool's 64 MiB).
+#   kit.json what is in it, the glibc it needs, its size (at most 48 MiB: the repository and the kit are
+#            copied to the GPU machine together, within 64 MiB).
 #   bash scripts/gpu_kit.sh [KIT_DIR]        # after scripts/setup.sh; about a minute (FFCV compiles)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -59,6 +59,7 @@ def test_a_flat_tensor_without_a_layout_is_refused_not_stepped_as_adam():
         opt.set_layout(flat, FlatLayout(((13,),), (0,), 0, 13))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks,stages", [(1, "1"), (2, "1,2"), (3, "1")])
 def test_zero_partitions_step_like_timms_adamp_on_the_whole_model(tmp_path, ranks, stages):
     proc = run_deepspeed([SCRIPT, "--out", tmp_path, "--stages", stages], num_ranks=ranks)

@@ -7,9 +7,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # builds a virtual environment
 
 FORBIDDEN = ("deepspeed", "ffcv", "timm", "gpytorch", "cv2", "sklearn", "matplotlib")
 

@@ -175,6 +175,7 @@ def test_flip_and_lighting_bias_ops_draw_per_sample():
         np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.slow
 def test_shards_on_two_ranks_are_disjoint_and_cover_the_set(tmp_path):
     folder = tmp_path / "folder"
     rng = np.random.default_rng(2)
@@ -240,9 +241,8 @@ def test_bad_input_gets_one_clear_error(digits, tmp_path):
 
 
 def test_shipped_configs_load():
-    for name in os.listdir(REPO / "ffcv_configs"):
-        config = DataConfig.from_json(str(REPO / "ffcv_configs" / name))
-        assert config.train.resolution >= 8
+    digits = DataConfig.from_json(str(REPO / "ffcv_configs" / "digits_cpu.json"))
+    assert (digits.train.resolution, digits.val.resolution, digits.val.crop_ratio) == (32, 32, 1.0)
     imagenet = DataConfig.from_json(str(REPO / "ffcv_configs" / "rn50_imagenet.json"))
     assert (imagenet.write.write_mode, imagenet.write.max_resolution, imagenet.write.compress_probability,
             imagenet.write.jpeg_quality) == ("proportion", 500, 0.5, 90)

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import REPO, run_deepspeed
 
+pytestmark = pytest.mark.slow  # 2 DeepSpeed ranks through the launcher
+
 CONFIG = REPO / "ds_configs" / "cpu_digits.json"
 
 
@@ -146,13 +148,3 @@ def test_a_missing_beton_is_one_clear_error(tmp_path):
                           "--out_dir", tmp_path / "run"])
     assert proc.returncode != 0
     assert f"beton not found: {tmp_path}/train.beton" in proc.stdout + proc.stderr
-
-
-def test_a_malformed_hostfile_is_refused(tmp_path):
-    hosts = tmp_path / "hosts"
-    hosts.write_text("node-0 slots=four\n")
-    proc = subprocess.run([str(REPO / ".venv" / "bin" / "deepspeed") if (REPO / ".venv").exists() else "deepspeed",
-                           "--hostfile", str(hosts), str(REPO / "launch" / "train.py"),
-                           "--deepspeed_config", str(CONFIG)], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "Hostfile contains a bad entry: node-0 slots=four" in proc.stderr

@@ -1,5 +1,5 @@
 """The GPU path, on a CUDA device (``pytest -m gpu``; skipped without one). scripts/gpu_check.sh runs these on
-the lent GPU machine with the kit from scripts/gpu_kit.sh.
+a GPU machine with the kit from scripts/gpu_kit.sh.
 
 - the GPU loaders' output (device, fp16, channels_last) against the CPU path's on the same images, seed, epoch;
 - a 1-GPU fp16 ZeRO-1 engine (ZeroAdamP, AutoWU from the config): where each host synchronisation of the hot loop
@@ -19,7 +19,7 @@ import torch
 
 from conftest import REPO, free_port
 
-pytestmark = [pytest.mark.gpu,
+pytestmark = [pytest.mark.gpu, pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 

@@ -1,4 +1,4 @@
-"""The GPU check kit, built and dry-run here, so that a broken kit is found on the CPU, not in device minutes.
+"""The GPU check kit, built and dry-run here, so that a broken kit is found on the CPU, not in GPU time.
 
 scripts/gpu_kit.sh builds what the GPU machine's image lacks (deepspeed and its missing requirements for
 Python 3.12, FFCV for the limited C API with its native libraries bundled); scripts/gpu_check.sh --dry-run
@@ -11,7 +11,11 @@ import os
 import subprocess
 import zipfile
 
+import pytest
+
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # builds the kit
 
 
 def test_the_kit_builds_under_48_mib_and_its_dry_run_passes(tmp_path):

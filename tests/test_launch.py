@@ -56,6 +56,7 @@ def test_unknown_keys_and_models_are_refused(tmp_path):
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
 
 
+@pytest.mark.slow
 def test_an_fp16_config_without_cuda_is_one_clear_error(tmp_path):
     """A CUDA build of torch on a too-old driver sees no GPU: the job must stop, not train on the CPU."""
     from conftest import run_deepspeed
@@ -73,3 +74,58 @@ def test_the_gpu_extra_matches_the_pinned_torchs_cuda_major():
     cupy = re.search(r'"gpu": \["cupy-cuda(\d+)x', setup).group(1)
     pinned = re.search(r"^cuda-toolkit==(\d+)\.", (REPO / "constraints.txt").read_text(), re.M).group(1)
     assert cupy == pinned == torch.version.cuda.split(".")[0]
+
+
+def test_each_setting_has_one_owner(tmp_path):
+    """The four settings that used to fall through: each is now set in one place and refused elsewhere."""
+    import argparse
+
+    from autowu.deepspeed import autowu_params
+    from autowu.gp import GPTestSettings
+    from autowu.settings import add_cli_overrides, cli_overrides
+    block = {"scheduler": {"type": "AutoWU", "params": {"steps_per_epoch": 30, "total_epochs": 5}}}
+    # A step count in the scheduler block that disagrees with the data is refused, not silently overridden.
+    with pytest.raises(ValueError, match="params.steps_per_epoch 30 disagrees with 22 from the data"):
+        autowu_params(block, steps_per_epoch=22, total_epochs=5)
+    assert autowu_params(block, steps_per_epoch=30, total_epochs=5)["steps_per_epoch"] == 30
+    # The run's seed reaches AutoWU; a different one in the scheduler block is refused.
+    params = autowu_params({"scheduler": {"type": "AutoWU", "params": {}}}, steps_per_epoch=2, total_epochs=3, seed=7)
+    assert params["seed"] == 7
+    with pytest.raises(ValueError, match="params.seed 1 disagrees with 7 from the run"):
+        autowu_params({"scheduler": {"type": "AutoWU", "params": {"seed": 1}}}, steps_per_epoch=2,
+                      total_epochs=3, seed=7)
+    # gp_settings from JSON: an object of GPTestSettings' fields works; a misspelt field is refused.
+    params = autowu_params({"scheduler": {"type": "AutoWU", "params": {"gp_settings": {"num_fits": 3}}}},
+                           steps_per_epoch=2, total_epochs=3)
+    assert params["gp_settings"] == GPTestSettings(num_fits=3)
+    with pytest.raises(ValueError, match="gp_settings: unknown key 'confidense' \\(did you mean 'confidence'\\?\\)"):
+        autowu_params({"scheduler": {"type": "AutoWU", "params": {"gp_settings": {"confidense": 0.9}}}},
+                      steps_per_epoch=2, total_epochs=3)
+    # The per-rank batch is DeepSpeed's train_micro_batch_size_per_gpu only.
+    from autowu.data import DataConfig
+    with pytest.raises(ValueError, match="batch_size is not a data setting.*train_micro_batch_size_per_gpu"):
+        DataConfig.from_dict({"train": {"batch_size": 32}}, "d.json")
+    # Command-line options come from the "train" settings' own declarations, and win over the JSON.
+    parser = argparse.ArgumentParser()
+    add_cli_overrides(parser, RunSettings)
+    args = parser.parse_args(["--seed", "3", "--epochs", "2"])
+    assert cli_overrides(args, RunSettings) == {"seed": 3, "epochs": 2}
+    assert "AutoWU's subsampling" in parser.format_help()
+
+
+def test_misspelt_and_mistyped_settings_are_refused_with_the_nearest_name(tmp_path):
+    config = json.loads((REPO / "ds_configs" / "cpu_digits.json").read_text())
+    config["zero_optimisation"] = config.pop("zero_optimization")  # DeepSpeed alone would train without ZeRO
+    misspelt = tmp_path / "misspelt.json"
+    misspelt.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="unknown key 'zero_optimisation' \\(did you mean 'zero_optimization'\\?\\) "
+                                         "\\(DeepSpeed .* would ignore it without a word\\)"):
+        split_config(str(misspelt))
+    with pytest.raises(ValueError, match="train.epochs: expected an integer, got '30'"):
+        RunSettings.from_dict({"epochs": "30"}, "x.json")
+    with pytest.raises(ValueError, match="train.scale: expected a list of 2 numbers"):
+        from autowu.data import DataConfig
+        DataConfig.from_dict({"train": {"scale": [0.1]}}, "d.json")
+    # Every shipped config passes the same checks.
+    for path in (REPO / "ds_configs").glob("*.json"):
+        split_config(str(path))

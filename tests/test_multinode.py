@@ -35,8 +35,8 @@ def _can_make_nodes() -> bool:
     return probe.returncode == 0
 
 
-pytestmark = pytest.mark.skipif(not _can_make_nodes(), reason="needs root allowed to unshare mount and PID "
-                                "namespaces, pdsh and openssh-server (scripts/setup.sh installs the last two)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not _can_make_nodes(), reason="needs root allowed to unshare mount and PID "
+                                "namespaces, pdsh and openssh-server (scripts/setup.sh installs the last two)")]
 
 
 def _wait_port(address, port, timeout=20):

@@ -321,3 +321,23 @@ def test_gp_numerical_failures_are_retried_not_raised(monkeypatch):
     sched = make()
     run_scheduler(sched, CURVES["default"], stop_at=3 * STEPS_PER_EPOCH)  # fails every fit, never raises
     assert sched.phase == "warmup" and not any(r["passed"] for r in sched.history)
+
+
+def test_the_schedule_is_a_pure_function_without_an_optimizer():
+    """autowu.schedule.Schedule alone: the ramp, its inverse, holds and rewinds, the cooldown to 0."""
+    from types import SimpleNamespace
+
+    from autowu.schedule import Schedule
+    shape = Schedule.build(total_steps=1000, min_lr=1e-5, max_lr=1.0, max_warmup_fraction=0.2, warmup_type="exp",
+                           immediate_cooldown=True, cooldown_type="cosine", cooldown_fraction=0.2)
+    assert (shape.max_warmup_steps, shape.cooldown_start_step, shape.warmup_end_cap) == (200, 800, 200)
+    assert shape.warmup_lr(100) == pytest.approx(1e-5 * 1e5 ** 0.5)
+    assert shape.position_of(shape.warmup_lr(37.5)) == pytest.approx(37.5)
+    ramping = SimpleNamespace(holds=[], rewinds=[], switch_step=None, peak_lr=None)
+    assert [shape.lr(s, ramping) for s in (0, 50)] == [1e-5, shape.warmup_lr(50)]
+    # Held from step 60 to 80, then 10 ramp steps taken back: step 100 trains at ramp position 100 - 20 - 10.
+    decided = SimpleNamespace(holds=[[60, 80]], rewinds=[[80, 10.0]], switch_step=120, peak_lr=0.01)
+    assert shape.lr(70, decided) == shape.warmup_lr(60)
+    assert shape.lr(100, decided) == pytest.approx(shape.warmup_lr(70))
+    assert shape.lr(120, decided) == 0.01 and shape.lr(1000, decided) == 0.0
+    assert shape.lr(560, decided) == pytest.approx(0.005)  # halfway from the switch to the end: half the peak
