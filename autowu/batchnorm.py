@@ -65,3 +65,27 @@ def sync_batchnorm_statistics(model: torch.nn.Module, group=None) -> int:
         buffer.copy_(flat[offset:offset + buffer.numel()].view_as(buffer))
         offset += buffer.numel()
     return flat.numel()
+
+
+@torch.no_grad()
+def gather_batchnorm_statistics(model: torch.nn.Module) -> List[torch.Tensor]:
+    """Every rank's BatchNorm statistics, one flat fp32 CPU tensor a rank (a collective). The ranks' statistics
+    differ until an epoch's end averages them, so a mid-epoch checkpoint keeps each rank's, not rank 0's alone."""
+    buffers = batchnorm_statistics(model)
+    if not buffers or not dist.is_initialized():
+        return []
+    flat = torch.cat([b.reshape(-1).float() for b in buffers])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    return [g.cpu() for g in gathered]
+
+
+@torch.no_grad()
+def load_batchnorm_statistics(model: torch.nn.Module, flat: torch.Tensor) -> None:
+    """Copy one rank's statistics from ``gather_batchnorm_statistics`` back into ``model``."""
+    offset = 0
+    for buffer in batchnorm_statistics(model):
+        buffer.copy_(flat[offset:offset + buffer.numel()].view_as(buffer))
+        offset += buffer.numel()
+    if offset != flat.numel():
+        raise ValueError(f"BatchNorm statistics from the checkpoint hold {flat.numel()} values, the model {offset}")

@@ -1,25 +1,48 @@
 """Where a run's checkpoints live, which one to resume from, and saving and loading them through DeepSpeed.
 
-``<out_dir>/checkpoints/epoch<N>/`` are DeepSpeed checkpoints; ``client_state`` carries the epoch. When
-``out_dir`` is each node's own disk (checked with a marker file, not assumed), DeepSpeed's
-``use_node_local_storage`` makes every node write the model states too, and each node keeps its own ``latest``
-(DeepSpeed writes it on global rank 0 alone), so that every node holds what it needs to resume.
+``<out_dir>/checkpoints/<tag>/`` are DeepSpeed checkpoints: ``epoch<N>`` at an epoch's end, ``epoch<N>_step<S>``
+when a run is stopped inside epoch N+1 (preemption); ``client_state`` carries where the run stood.
+
+A checkpoint counts only once it is committed. DeepSpeed's ``save_checkpoint`` has rank 0 write ``latest`` right
+after its own files, before the other ranks finish theirs: a rank that dies mid-write (or a machine that crashes
+before its page cache is flushed) leaves ``latest`` naming a torn checkpoint, and resuming stops in torch's
+"failed finding central directory". Here every rank writes its files (DeepSpeed's save, without ``latest``), a
+barrier, then one process per disk flushes every file to the disk, writes the commit record ``commit.json``
+(each file's size, written to a temporary name and renamed into place, as orbax commits by renaming) and then
+``latest``. ``--resume`` takes the newest checkpoint whose commit record every rank finds and whose files match
+it on every rank's disk, and says on one line which newer ones it skipped and why.
+
+When ``out_dir`` is each node's own disk (checked with a marker file, not assumed), DeepSpeed's
+``use_node_local_storage`` makes every node write the model states too, and each node commits its own files
+(its local rank 0), so that every node holds what it needs to resume; all nodes agree on the tag.
 """
 from __future__ import annotations
 
+import json
 import os
-from typing import Any, Dict, Optional
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
 
-import torch
 import torch.distributed as dist
 
-from .nodes import collective_device, is_shared_path, local_rank
+from .nodes import is_shared_path, local_rank, node_rank
+
+COMMIT_RECORD = "commit.json"
+_TAG = re.compile(r"^epoch(\d+)(?:_step(\d+))?$")
+
+
+@dataclass
+class Verdict:
+    tag: str
+    problem: Optional[str]   # None: committed and whole on this rank's disk
 
 
 class Checkpoints:
     def __init__(self, out_dir: str, ds_config: Dict[str, Any], source: str, log):
         """Decide the storage (before the engine is built: it edits ``ds_config``'s checkpoint block)."""
         self.dir = os.path.join(out_dir, "checkpoints")
+        self.log = log
         self.node_local = not is_shared_path(out_dir)
         if self.node_local:
             # DeepSpeed writes the model states on global rank 0 alone unless told otherwise: another node's
@@ -32,31 +55,157 @@ class Checkpoints:
             log.line(f"{out_dir} is node-local: every node keeps its own checkpoints (DeepSpeed's "
                      "use_node_local_storage)")
 
-    def latest_tag(self) -> str:
-        """The tag to resume from: rank 0's ``latest``, which every rank's disk must hold (node-local or shared)."""
-        latest = os.path.join(self.dir, "latest")
-        tag = [open(latest).read().strip() if dist.get_rank() == 0 and os.path.isfile(latest) else None]
-        dist.broadcast_object_list(tag, src=0)
-        if tag[0] is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.dir} (no 'latest' file)")
-        here = torch.tensor([int(os.path.isdir(os.path.join(self.dir, tag[0])))], device=collective_device())
-        everywhere = here.clone()
-        dist.all_reduce(everywhere, op=dist.ReduceOp.MIN)
-        if not everywhere.item():
-            raise FileNotFoundError(f"--resume: checkpoint {tag[0]} (rank 0's latest) is missing on "
-                                    f"{'this node' if not here.item() else 'another node'}: {self.dir}/{tag[0]}")
-        return tag[0]
+    @property
+    def commits_here(self) -> bool:
+        """Whether this process writes the commit record of its disk."""
+        return local_rank() == 0 if self.node_local else dist.get_rank() == 0
 
-    def save(self, engine, epoch: int) -> None:
-        """Every rank calls it (DeepSpeed's save is collective)."""
-        tag = f"epoch{epoch}"
-        engine.save_checkpoint(self.dir, tag=tag, client_state={"epoch": epoch})
-        if self.node_local and local_rank() == 0 and dist.get_rank() != 0:
-            # DeepSpeed writes 'latest' on global rank 0 only; this node's copy of the run needs its own.
-            with open(os.path.join(self.dir, "latest"), "w") as f:
-                f.write(tag)
+    # ---------------------------------------------------------------- saving
+    def save(self, engine, epoch: int, client_state: Optional[Dict[str, Any]] = None, mid_epoch: bool = False) -> str:
+        """Save and commit; every rank calls it (DeepSpeed's save is collective). ``epoch``: epochs completed.
+        Returns the tag."""
+        tag = f"epoch{epoch}_step{engine.global_steps}" if mid_epoch else f"epoch{epoch}"
+        state = {"epoch": epoch, **(client_state or {})}
+        record = os.path.join(self.dir, tag, COMMIT_RECORD)
+        if self.commits_here and os.path.exists(record):
+            os.unlink(record)  # saving over an older one: uncommitted until the new files are all written
+        engine.save_checkpoint(self.dir, tag=tag, client_state=state, save_latest=False)  # ends with a barrier
+        if self.commits_here:
+            self._commit(tag, epoch, engine.global_steps)
+        dist.barrier()  # no rank goes on (or exits) before the checkpoint is committed on every disk
+        return tag
 
-    def load(self, engine, tag: Optional[str]) -> int:
-        """Load ``tag`` into the engine (model, optimizer, scheduler); return the epoch it ended."""
+    def _commit(self, tag: str, epoch: int, global_step: int, latest: bool = True) -> None:
+        folder = os.path.join(self.dir, tag)
+        files = {}
+        for root, _, names in os.walk(folder):
+            for name in sorted(names):
+                path = os.path.join(root, name)
+                relative = os.path.relpath(path, folder)
+                if relative == COMMIT_RECORD or ".tmp" in name:
+                    continue
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())  # on the disk before the record says it is: a crash cannot tear it
+                files[relative] = os.path.getsize(path)
+        record = {"tag": tag, "epoch": epoch, "global_step": global_step, "world_size": dist.get_world_size(),
+                  "node": node_rank() if self.node_local else None, "files": files}
+        _write_durably(os.path.join(folder, COMMIT_RECORD), json.dumps(record, indent=1))
+        if latest:  # DeepSpeed's pointer, for its own tools (zero_to_fp32, ds_to_universal)
+            _write_durably(os.path.join(self.dir, "latest"), tag)
+
+    # ---------------------------------------------------------------- resuming
+    def resume_tag(self) -> str:
+        """The newest checkpoint committed and whole on every rank's disk; one line names those skipped."""
+        names = [self._candidates()] if dist.get_rank() == 0 else [None]
+        dist.broadcast_object_list(names, src=0)
+        verdicts = [self._verdict(tag) for tag in names[0]]
+        everyone: List[Optional[List[Verdict]]] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, verdicts)
+        skipped = []
+        for i, tag in enumerate(names[0]):
+            problems = [(rank, v[i].problem) for rank, v in enumerate(everyone) if v[i].problem]
+            if not problems:
+                if skipped:
+                    self.log.line(f"resume: skipped {'; '.join(skipped)}; taking {tag}")
+                return tag
+            rank, problem = problems[0]
+            skipped.append(f"{tag} ({problem}" + (f", seen by rank {rank}" if dist.get_world_size() > 1 else "")
+                           + ")")
+        raise FileNotFoundError(f"--resume: no complete checkpoint in {self.dir}"
+                                + (f"; skipped {'; '.join(skipped)}" if skipped else " (none saved yet)"))
+
+    def _candidates(self) -> List[str]:
+        """Checkpoint folders on this disk, newest first."""
+        if not os.path.isdir(self.dir):
+            return []
+        tags = []
+        for name in os.listdir(self.dir):
+            match = _TAG.match(name)
+            if match and os.path.isdir(os.path.join(self.dir, name)):
+                # Order by (epochs completed, steps): a mid-epoch checkpoint is newer than its epoch's start.
+                tags.append(((int(match.group(1)), int(match.group(2) or 0)), name))
+        return [name for _, name in sorted(tags, reverse=True)]
+
+    def _verdict(self, tag: str) -> Verdict:
+        folder = os.path.join(self.dir, tag)
+        try:
+            record = self.record(tag)
+        except FileNotFoundError:
+            return Verdict(tag, "no commit record: its save never finished")
+        except (OSError, ValueError) as err:
+            return Verdict(tag, f"unreadable commit record ({err})")
+        world = dist.get_world_size()
+        if record["world_size"] != world and _TAG.match(tag).group(2):
+            # Mid-epoch, the ranks' shares of the epoch's remaining batches depend on their number.
+            return Verdict(tag, f"stopped mid-epoch on {record['world_size']} ranks, resumes on "
+                                f"{record['world_size']} only")
+        if record["world_size"] != world and self.node_local:
+            return Verdict(tag, f"made on {record['world_size']} ranks with node-local storage: each node holds "
+                                "its own ranks' optimizer shards only; to resume on another number of ranks, copy "
+                                "every node's checkpoint files into one shared --out_dir")
+        for name, size in record["files"].items():
+            path = os.path.join(folder, name)
+            if not os.path.isfile(path):
+                return Verdict(tag, f"{name} is missing")
+            if os.path.getsize(path) != size:
+                return Verdict(tag, f"{name} has {os.path.getsize(path):,} bytes, its commit record says {size:,}")
+        return Verdict(tag, None)
+
+    def record(self, tag: str) -> Dict[str, Any]:
+        with open(os.path.join(self.dir, tag, COMMIT_RECORD)) as f:
+            return json.load(f)
+
+    def prepare_resume(self, ds_config: Dict[str, Any]) -> str:
+        """The tag to load (before the engine is built). A checkpoint made on another number of ranks is
+        converted once into DeepSpeed's universal checkpoint (``ds_to_universal``, next to it as
+        ``<tag>_universal``), which ``"checkpoint": {"load_universal": true}`` loads on any number of ranks:
+        model, AdamP's moments and step, AutoWU's state."""
+        tag = self.resume_tag()
+        made_on, world = self.record(tag)["world_size"], dist.get_world_size()
+        if made_on == world:
+            return tag
+        converted = f"{tag}_universal"
+        if self.commits_here and self._verdict(converted).problem:
+            self.log.line(f"resume: {tag} was saved on {made_on} rank(s), this run has {world}: converting it to "
+                          f"DeepSpeed's universal checkpoint {converted}")
+            _to_universal(os.path.join(self.dir, tag), os.path.join(self.dir, converted))
+            self._commit(converted, self.record(tag)["epoch"], self.record(tag)["global_step"], latest=False)
+        dist.barrier()
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        return converted
+
+    def load(self, engine, tag: str) -> Dict[str, Any]:
+        """Load ``tag`` into the engine (model, optimizer, scheduler); return its client state."""
         _, client_state = engine.load_checkpoint(self.dir, tag=tag)
-        return int(client_state["epoch"])
+        if client_state is None:
+            raise FileNotFoundError(f"--resume: DeepSpeed could not load {self.dir}/{tag}")
+        return client_state
+
+
+def _write_durably(path: str, text: str) -> None:
+    """Write to a temporary name, flush it to the disk, rename into place, flush the folder: all or nothing."""
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def _to_universal(source: str, target: str) -> None:
+    """DeepSpeed's own converter, in a process of its own (it starts worker pools and prints a lot)."""
+    import shutil
+    import subprocess
+    import sys
+    shutil.rmtree(target, ignore_errors=True)
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", source,
+                           "--output_folder", target, "--num_extract_workers", "1", "--num_merge_workers", "1",
+                           "--inject_missing_state"], capture_output=True, text=True)
+    if proc.returncode:
+        last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
+        raise ValueError(f"--resume: converting {source} to a universal checkpoint failed: {last}")

@@ -33,6 +33,7 @@ import functools
 import inspect
 import math
 import os
+import typing
 from typing import Any, Dict, Optional, Union
 
 import torch
@@ -42,7 +43,7 @@ from .adamp import ZeroAdamP, zero_partition_layouts
 from .jsonfile import read_json
 from .gp import GPTestSettings
 from .scheduler import AutoWU
-from .settings import from_mapping, unknown_keys_error
+from .settings import check_types, from_mapping, unknown_keys_error
 
 SCHEDULER_TYPE = "AutoWU"
 OPTIMIZER_TYPE = "AdamP"
@@ -166,6 +167,7 @@ def autowu_params(config: Dict[str, Any], **overrides) -> Optional[Dict[str, Any
         params[key] = value
     if isinstance(params.get("gp_settings"), dict):
         params["gp_settings"] = from_mapping(GPTestSettings, params["gp_settings"], "scheduler AutoWU: gp_settings")
+    check_types("scheduler AutoWU params", params, typing.get_type_hints(AutoWU.__init__))
     missing = [k for k in ("steps_per_epoch", "total_epochs") if k not in params]
     if missing:
         raise ValueError(f"scheduler AutoWU needs {missing}: put them in the config's scheduler params or "
@@ -196,6 +198,7 @@ def adamp_params(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         raise ValueError(f"optimizer AdamP: unknown params {unknown}; known: {sorted(_ADAMP_PARAMS)}")
     if "betas" in params:
         params["betas"] = tuple(params["betas"])
+    check_types("optimizer AdamP params", params, typing.get_type_hints(ZeroAdamP.__init__))
     stage = zero_stage(config)
     if stage not in (0, 1, 2):
         raise ValueError(f"optimizer AdamP with ZeRO stage {stage}: not supported (its projection needs each "

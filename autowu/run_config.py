@@ -32,6 +32,8 @@ class RunSettings:
     default_data: Optional[str] = setting(None, "\"digits\": build the embedded dataset when no --data_dir is given")
     checkpoint_every: int = setting(5, "epochs between checkpoints (and always at the end)")
     log_every: int = setting(20, "optimizer steps between loss readings for the log (a host sync each)")
+    stop_check_every: int = setting(5, "optimizer steps between the ranks' checks for a stop signal (SIGTERM, "
+                                       "SIGUSR1, SIGINT; one small all-reduce and a host sync each)")
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -40,8 +42,8 @@ class RunSettings:
             raise ValueError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.default_data not in (None, "digits"):
             raise ValueError(f"train.default_data: invalid {self.default_data!r}; allowed: null, 'digits'")
-        if self.checkpoint_every < 1 or self.log_every < 1:
-            raise ValueError("train.checkpoint_every and train.log_every must be >= 1")
+        if min(self.checkpoint_every, self.log_every, self.stop_check_every) < 1:
+            raise ValueError("train.checkpoint_every, train.log_every and train.stop_check_every must be >= 1")
         if self.num_classes is not None and self.num_classes < 2:
             raise ValueError(f"train.num_classes must be >= 2 or null, got {self.num_classes}")
 

@@ -54,6 +54,13 @@ def from_mapping(cls: Type[T], values: Mapping[str, Any], where: str) -> T:
     return cls(**converted)
 
 
+def check_types(where: str, values: Mapping[str, Any], hints: Mapping[str, Any]) -> None:
+    """Refuse a value whose type is not its hint's (for keyword arguments read from JSON)."""
+    for key, value in values.items():
+        if key in hints and not _matches(value, hints[key]):
+            raise ValueError(f"{where}.{key}: expected {_describe(hints[key])}, got {value!r}")
+
+
 def _matches(value: Any, hint: Any) -> bool:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:

@@ -112,53 +112,86 @@ def describe_recipe(engine, ds_config, device) -> Dict[str, object]:
 
 
 @dataclass
+class EpochProgress:
+    """Where an epoch stands: the micro-batches done and the loss sums still open (on the device). A mid-epoch
+    checkpoint carries it, so that a resumed epoch logs exactly what the unbroken one would have."""
+    batches_done: int = 0
+    interval_sum: Optional[torch.Tensor] = None   # since the last log reading
+    interval_count: int = 0
+    epoch_sum: Optional[torch.Tensor] = None
+    epoch_count: int = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.interval_sum = loss if self.interval_sum is None else self.interval_sum + loss
+        self.epoch_sum = loss if self.epoch_sum is None else self.epoch_sum + loss
+        self.interval_count += 1
+        self.epoch_count += 1
+
+    def state_dict(self) -> Dict:
+        return {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in vars(self).items()}
+
+    @classmethod
+    def from_state_dict(cls, state: Dict, device: torch.device) -> "EpochProgress":
+        return cls(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in state.items()})
+
+
+@dataclass
 class EpochResult:
     mean_loss: float       # over every micro-batch of the epoch (nan if none)
     images_per_s: float
     seconds: float
+    progress: EpochProgress
+    stopped_by: Optional[int] = None   # the signal the ranks agreed to stop for, mid-epoch
 
 
 def train_one_epoch(engine, loader, criterion, steps_per_epoch: int, accumulation: int, dtype: torch.dtype,
-                    log, log_every: int, scheduler=None, description: str = "") -> EpochResult:
-    """One epoch: ``steps_per_epoch`` optimizer steps of ``accumulation`` micro-batches. The loss stays on the
-    device except every ``log_every`` steps (a reading for the log), so the GPU is never waited on otherwise.
-    ``scheduler``: AutoWU, whose tests are logged as they happen."""
+                    log, log_every: int, scheduler=None, description: str = "",
+                    progress: Optional[EpochProgress] = None, stop=None) -> EpochResult:
+    """One epoch: ``steps_per_epoch`` optimizer steps of ``accumulation`` micro-batches, or what is left of it
+    after ``progress`` (a resumed epoch; the loader skips the batches done). The loss stays on the device except
+    every ``log_every`` steps (a reading for the log). ``scheduler``: AutoWU, whose tests are logged as they
+    happen. ``stop`` (``autowu.preemption.StopRequests``): checked at step boundaries; the epoch ends early when
+    the ranks agree to stop."""
+    progress = progress or EpochProgress()
     micro_batch = engine.train_micro_batch_size_per_gpu()
     world = dist.get_world_size()
     bar = log.progress_bar(steps_per_epoch, description)
+    bar.update(progress.batches_done // accumulation)
     tests_logged = len(scheduler.history) if scheduler is not None else 0
     started = interval_start = time.perf_counter()
-    interval_sum, interval_count = None, 0     # since the last log reading
-    epoch_sum, epoch_count = None, 0
-    for micro_step, (images, labels) in enumerate(loader):
+    images_before = progress.epoch_count
+    stopped_by = None
+    for micro_step, (images, labels) in enumerate(loader, start=progress.batches_done):
         if micro_step >= steps_per_epoch * accumulation:
             break
         loss = criterion(engine(images.to(dtype)).float(), labels)
         engine.backward(loss)
         engine.step()
-        detached = loss.detach()
-        interval_sum = detached if interval_sum is None else interval_sum + detached
-        epoch_sum = detached if epoch_sum is None else epoch_sum + detached
-        interval_count += 1
-        epoch_count += 1
+        progress.add(loss.detach())
+        progress.batches_done = micro_step + 1
         if (micro_step + 1) % accumulation:
             continue
         bar.update()
         step = engine.global_steps
         if step % log_every == 0 or micro_step + 1 == steps_per_epoch * accumulation:
-            mean_loss = (interval_sum / interval_count).item()  # the one host sync of log_every steps
-            rate = interval_count * micro_batch * world / (time.perf_counter() - interval_start)
+            mean_loss = (progress.interval_sum / progress.interval_count).item()  # the one host sync of log_every steps
+            rate = progress.interval_count * micro_batch * world / (time.perf_counter() - interval_start)
             lr = engine.get_lr()[0]
             bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
             log.record("train", step=step, epoch=step / steps_per_epoch, loss=mean_loss, lr=lr, images_per_s=rate)
             log.scalars([("Train/loss", mean_loss, step)])
-            interval_sum, interval_count, interval_start = None, 0, time.perf_counter()
+            progress.interval_sum, progress.interval_count, interval_start = None, 0, time.perf_counter()
         if scheduler is not None:
             tests_logged = log.autowu_tests(scheduler, tests_logged)
+        if stop is not None and micro_step + 1 < steps_per_epoch * accumulation:
+            stopped_by = stop.agreed(step)
+            if stopped_by:
+                break
     bar.close()
     seconds = time.perf_counter() - started
-    return EpochResult(mean_loss=(epoch_sum / epoch_count).item() if epoch_count else math.nan,
-                       images_per_s=epoch_count * micro_batch * world / seconds, seconds=seconds)
+    return EpochResult(mean_loss=(progress.epoch_sum / progress.epoch_count).item() if progress.epoch_count else math.nan,
+                       images_per_s=(progress.epoch_count - images_before) * micro_batch * world / seconds,
+                       seconds=seconds, progress=progress, stopped_by=stopped_by)
 
 
 @dataclass

@@ -20,6 +20,7 @@ import atexit
 import dataclasses
 import functools
 import os
+import signal
 import sys
 import time
 from datetime import timedelta
@@ -37,16 +38,18 @@ if "--verbose" not in sys.argv:  # read before deepspeed is imported: its import
 import deepspeed  # noqa: E402
 
 import autowu.deepspeed as autowu_ds  # noqa: E402
-from autowu.batchnorm import sync_batchnorm_statistics  # noqa: E402
+from autowu.batchnorm import (gather_batchnorm_statistics, load_batchnorm_statistics,  # noqa: E402
+                              sync_batchnorm_statistics)
 from autowu.checkpoints import Checkpoints  # noqa: E402
 from autowu.data import DataConfig, train_loader, val_loader  # noqa: E402
 from autowu.nodes import NodeTable, PeerWatch, local_rank, node_rank  # noqa: E402
+from autowu.preemption import StopRequests  # noqa: E402
 from autowu.run_config import RunSettings, resolve_batch, resolve_schedule_steps, split_config  # noqa: E402
 from autowu.runlog import RunLog  # noqa: E402
 from autowu.scheduler import AutoWU  # noqa: E402
 from autowu.settings import add_cli_overrides, cli_overrides  # noqa: E402
-from autowu.training import (REPO, build_model, check_batchnorm_statistics, describe_recipe, evaluate,  # noqa: E402
-                             num_classes_of, prepare_data, train_one_epoch)
+from autowu.training import (REPO, EpochProgress, build_model, check_batchnorm_statistics,  # noqa: E402
+                             describe_recipe, evaluate, num_classes_of, prepare_data, train_one_epoch)
 
 
 def parse_args(argv=None):
@@ -61,6 +64,9 @@ def parse_args(argv=None):
                         help="run an fp16/bf16 config on the CPU (otherwise a missing GPU is an error)")
     parser.add_argument("--dist_timeout_minutes", type=float, default=10.0,
                         help="how long a collective waits for a silent peer before the run stops")
+    parser.add_argument("--stop_timeout_s", type=float, default=25.0,
+                        help="after SIGTERM/SIGUSR1/SIGINT, how long the checkpoint may take before the process ends "
+                             "at once (DeepSpeed's launcher kills its ranks 30 s after relaying a signal)")
     parser.add_argument("--verbose", action="store_true",
                         help="show DeepSpeed's and torch's own logs and warnings (quiet by default)")
     parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
@@ -89,6 +95,14 @@ def setup_distributed(args):
     return device, release_buffers
 
 
+def watch_peers():
+    """Every rank's node, one line from each node, and heartbeats that name a lost node (none on one rank)."""
+    nodes = NodeTable()
+    if len(nodes.nodes) > 1 and local_rank() == 0:
+        print(f"[train] {nodes.describe_node(node_rank())} of {len(nodes.nodes)} nodes", flush=True)
+    return PeerWatch(nodes) if dist.get_world_size() > 1 else None
+
+
 def load_settings(args, device):
     """The config's DeepSpeed part and run settings (command-line overrides applied), and the data config."""
     ds_config, run = split_config(args.deepspeed_config)
@@ -96,7 +110,7 @@ def load_settings(args, device):
     if half and device.type != "cuda" and not args.allow_cpu:
         # A CUDA build of torch on a driver too old for it reports no GPU: without this, a GPU job would
         # silently train on the CPU.
-        raise RuntimeError(f"{args.deepspeed_config} asks for {half} but CUDA is not available "
+        raise ValueError(f"{args.deepspeed_config} asks for {half} but CUDA is not available "
                            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); check the driver, or "
                            "pass --allow_cpu to run on the CPU on purpose")
     run = dataclasses.replace(run, **cli_overrides(args, RunSettings))
@@ -145,12 +159,10 @@ def main(argv=None):
     args = parse_args(argv)
     device, release_buffers = setup_distributed(args)
     world = dist.get_world_size()
-    nodes = NodeTable()
-    watch = PeerWatch(nodes) if world > 1 else None
-    if len(nodes.nodes) > 1 and local_rank() == 0:  # one line from each node
-        print(f"[train] {nodes.describe_node(node_rank())} of {len(nodes.nodes)} nodes", flush=True)
+    watch = watch_peers()
 
     ds_config, run, data_config = load_settings(args, device)
+    stop = StopRequests(run.stop_check_every, timeout_s=args.stop_timeout_s, on_exit=release_buffers)
     accumulation = resolve_batch(ds_config, world, args.deepspeed_config)
     micro_batch = ds_config["train_micro_batch_size_per_gpu"]
     out_dir = args.out_dir or os.path.join(REPO, "runs", os.path.splitext(os.path.basename(args.deepspeed_config))[0])
@@ -158,7 +170,7 @@ def main(argv=None):
     log = RunLog(out_dir)
     route_monitors(ds_config, out_dir)
     checkpoints = Checkpoints(out_dir, ds_config, args.deepspeed_config, log)
-    resume_tag = checkpoints.latest_tag() if args.resume else None
+    resume_tag = checkpoints.prepare_resume(ds_config) if args.resume else None
 
     infos, loader, val, steps_per_epoch, num_classes = build_loaders(args.data_dir, run, data_config, micro_batch,
                                                                      accumulation, device)
@@ -173,11 +185,7 @@ def main(argv=None):
     dtype = check_batchnorm_statistics(engine, device)
     recipe = describe_recipe(engine, ds_config, device)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=run.label_smoothing)
-    start_epoch = 0
-    if args.resume:
-        start_epoch = checkpoints.load(engine, resume_tag)
-        loader.next_epoch = start_epoch  # FFCV does not checkpoint its epoch: the same order as an unbroken run
-        log.line(f"resumed from {checkpoints.dir} at epoch {start_epoch} (step {engine.global_steps})")
+    start_epoch, progress = resume(engine, checkpoints, resume_tag, loader, device, log) if resume_tag else (0, None)
 
     log.write_run_config({"deepspeed": ds_config, "train": dataclasses.asdict(run), "data": data_config.to_dict(),
                           "args": vars(args), "world_size": world, "gradient_accumulation_steps": accumulation,
@@ -195,7 +203,11 @@ def main(argv=None):
         for epoch in range(start_epoch, run.epochs):
             started = time.perf_counter()
             trained = train_one_epoch(engine, loader, criterion, steps_per_epoch, accumulation, dtype, log,
-                                      run.log_every, autowu, description=f"epoch {epoch + 1}/{run.epochs}")
+                                      run.log_every, autowu, description=f"epoch {epoch + 1}/{run.epochs}",
+                                      progress=progress, stop=stop)
+            progress = None
+            if trained.stopped_by:
+                stop_now(engine, checkpoints, stop, log, epoch, trained.progress, watch)
             # One set of BatchNorm statistics (DeepSpeed never syncs buffers): what is evaluated, checkpointed and
             # reported is the same model on every rank.
             sync_batchnorm_statistics(engine.module)
@@ -203,8 +215,11 @@ def main(argv=None):
             log_epoch(log, engine, epoch, run.epochs, trained, result, time.perf_counter() - started, autowu)
             last = epoch + 1 == run.epochs
             stopping = args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch
+            saved = None
             if last or stopping or (epoch + 1) % run.checkpoint_every == 0:
-                checkpoints.save(engine, epoch + 1)
+                saved = checkpoints.save(engine, epoch + 1)
+            if not last and stop.agreed(engine.global_steps, force=True):
+                stop_now(engine, checkpoints, stop, log, epoch + 1, None, watch, saved)
             if stopping and not last:
                 log.line(f"stopping after epoch {epoch + 1} as asked; continue with --resume")
                 break
@@ -213,8 +228,49 @@ def main(argv=None):
         raise
     if watch:
         watch.stop()
-    log_final(log, out_dir, result, scheduler, autowu, stopped_early=args.stop_after_epoch is not None)
+    stop.restore()
+    log_final(log, out_dir, result or evaluate(engine, val, infos["val"]["num_samples"], dtype), scheduler, autowu,
+              stopped_early=args.stop_after_epoch is not None)
+    log.close()
     dist.barrier()
+    dist.destroy_process_group()  # torch's clean teardown: without it a rank can abort at exit
+
+
+def resume(engine, checkpoints, tag, loader, device, log):
+    """Load ``tag``; set the loader where the run stood. Returns (epochs completed, the epoch's progress or None)."""
+    state = checkpoints.load(engine, tag)
+    epoch, progress = int(state["epoch"]), None
+    loader.next_epoch = epoch  # FFCV does not checkpoint its epoch: the same order as an unbroken run
+    if "progress" in state:  # stopped inside epoch + 1
+        progress = EpochProgress.from_state_dict(state["progress"], device)
+        loader.skip_next(progress.batches_done)
+        by_rank = state.get("batchnorm_by_rank") or []
+        if len(by_rank) == dist.get_world_size():  # each rank's own running statistics, as they were
+            load_batchnorm_statistics(engine.module, by_rank[dist.get_rank()])
+    log.line(f"resumed from {checkpoints.dir}/{tag} at epoch {epoch}" +
+             (f", batch {progress.batches_done} of epoch {epoch + 1}" if progress else "") +
+             f" (step {engine.global_steps})")
+    return epoch, progress
+
+
+def stop_now(engine, checkpoints, stop, log, epoch, progress, watch, saved=None):
+    """The ranks agreed to stop on a signal: checkpoint where the run stands (unless ``saved`` is that
+    checkpoint's tag already), say so, exit 128 + the signal."""
+    tag, state = saved, None
+    if progress is not None:  # inside epoch + 1: where it stood, and every rank's BatchNorm statistics
+        state = {"progress": progress.state_dict(), "batchnorm_by_rank": gather_batchnorm_statistics(engine.module)}
+    if tag is None:
+        tag = checkpoints.save(engine, epoch, client_state=state, mid_epoch=progress is not None)
+    stop.done()
+    log.line(f"stopped by {signal.Signals(stop.signum).name} at step {engine.global_steps}: checkpoint "
+             f"{checkpoints.dir}/{tag} committed; exit {stop.exit_code}; continue with --resume")
+    log.close()
+    if watch:
+        watch.stop()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    stop.on_exit()
+    os._exit(stop.exit_code)  # no teardown: FFCV's epoch thread and DeepSpeed's would only delay it
 
 
 def log_epoch(log, engine, epoch, epochs, trained, result, seconds, autowu):
@@ -227,7 +283,7 @@ def log_epoch(log, engine, epoch, epochs, trained, result, seconds, autowu):
 
 
 def log_final(log, out_dir, result, scheduler, autowu, stopped_early):
-    top1, top5 = (result.top1, result.top5) if result else (float("nan"), float("nan"))
+    top1, top5 = result.top1, result.top5
     if autowu and autowu.switch_step is None and not stopped_early:
         log.line("AutoWU did not switch during this run")
     schedule = (f"AutoWU switch step {autowu.switch_step}, peak LR {autowu.peak_lr}" if autowu else
@@ -237,5 +293,33 @@ def log_final(log, out_dir, result, scheduler, autowu, stopped_early):
                peak_lr=autowu.peak_lr if autowu else None, schedule=type(scheduler).__name__)
 
 
+# A user's error (a config, a path, a world size, a checkpoint): one line, exit 2, no traceback from every rank.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def cli(argv=None):
+    try:
+        main(argv)
+    except USER_ERRORS as err:
+        if "--verbose" in (argv if argv is not None else sys.argv):
+            raise
+        report_user_error(err)
+
+
+def report_user_error(err):
+    """Rank 0 says it; another rank says it only if it is still alive a moment later (the error was its own:
+    when every rank fails alike, DeepSpeed's launcher ends the others as soon as rank 0 exits). Then exit 2
+    without the interpreter's teardown, which aborts while DeepSpeed's and FFCV's threads run."""
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    atexit._run_exitfuncs()  # DeepSpeed's shared-memory files
+    message = " ".join(str(err).split()) or type(err).__name__
+    if rank != 0:
+        time.sleep(3)
+    print(f"[train] error{f' on rank {rank}' if rank else ''}: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

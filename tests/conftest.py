@@ -33,3 +33,16 @@ def run_deepspeed(script_args, num_ranks=2, timeout=600, env=None):
 @pytest.fixture
 def deepspeed_runner():
     return run_deepspeed
+
+
+@pytest.fixture(scope="session")
+def betons(tmp_path_factory):
+    """scikit-learn's digits as JPEG folders and betons, written by launch/write_betons.py (once a session)."""
+    root = tmp_path_factory.mktemp("digits")
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "write_betons.py"), "--digits",
+                           "--data_root", str(root / "folders"), "--out_dir", str(root / "betons"),
+                           "--config", str(REPO / "ffcv_configs" / "digits_cpu.json")],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train: 1438 images in 10 classes" in proc.stdout
+    return root / "betons"

@@ -62,8 +62,8 @@ def test_an_fp16_config_without_cuda_is_one_clear_error(tmp_path):
     from conftest import run_deepspeed
     proc = run_deepspeed([REPO / "launch" / "train.py", "--deepspeed_config", REPO / "ds_configs" /
                           "resnet50_4k.json", "--out_dir", tmp_path / "run"], num_ranks=1)
-    assert proc.returncode != 0
-    assert "asks for fp16 but CUDA is not available" in proc.stdout + proc.stderr
+    assert proc.returncode == 2
+    assert "[train] error: " in proc.stderr and "asks for fp16 but CUDA is not available" in proc.stderr
     assert "--allow_cpu" in proc.stdout + proc.stderr
 
 

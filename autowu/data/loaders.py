@@ -129,7 +129,19 @@ class _TrainLoader:
     def __init__(self, *args, epoch_cell: EpochCell, adds_lighting_bias: bool, **kwargs):
         self.epoch_cell, self.adds_lighting_bias = epoch_cell, adds_lighting_bias
         self._epoch_iterator = None
+        self._skip_batches = 0
         super().__init__(*args, **kwargs)
+
+    def skip_next(self, batches: int) -> None:
+        """Start the next epoch after its first ``batches`` batches (a run resumed mid-epoch): the same order,
+        the remaining batches only, none of the skipped ones decoded. Augmentations are drawn per sample index,
+        so the remaining batches are exactly the unbroken epoch's."""
+        self._skip_batches = int(batches)
+
+    def next_traversal_order(self):
+        order = super().next_traversal_order()
+        skip, self._skip_batches = self._skip_batches, 0
+        return order[skip * self.batch_size:]
 
     def _start_epoch(self):
         previous = self._epoch_iterator
