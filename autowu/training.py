@@ -53,8 +53,10 @@ def build_model(run, num_classes: int, device: torch.device, distributed: bool) 
     except RuntimeError as err:
         if "Unknown model" not in str(err):
             raise
-        close = timm.list_models(f"*{run.model.split('_')[0]}*")[:8]
-        raise ValueError(f"unknown model {run.model!r} (timm); similar names: {close}") from None
+        import difflib
+        close = difflib.get_close_matches(run.model, timm.list_models(), n=5, cutoff=0.6)
+        raise ValueError(f"unknown model {run.model!r} (timm)" + (f"; did you mean {', '.join(close)}?" if close else
+                                                                  "; timm.list_models() lists them")) from None
     if run.sync_bn and distributed:
         if device.type != "cuda":
             raise ValueError("train.sync_bn: torch's SyncBatchNorm runs on GPUs only; set it false for a CPU run "
