@@ -18,6 +18,11 @@ it then
 
 The layer view's sums are the sums of the channel sums, so the same four numbers a channel serve both views.
 Without a layout (no ZeRO), every tensor is taken as a whole parameter of its own shape: the same code path.
+
+On the CPU, steps 1-2 and the update of step 4 are two fused numba passes over the tensor's contiguous row
+segments (``autowu.adamp_cpu``): no index scatter, no atomics, the same result on any number of threads, and
+about the cost of a fused Adam (``benchmarks/RESULTS.md``). On a GPU they are torch operations (``index_add_``,
+whose atomics make the sums' rounding vary from run to run).
 Checked against ``timm.optim.AdamP`` in ``tests/test_adamp.py`` (1-3 ranks, boundaries through parameters).
 """
 from __future__ import annotations
@@ -26,9 +31,12 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numba
 import torch
 import torch.distributed as dist
 from torch.optim.optimizer import Optimizer
+
+from .adamp_cpu import adam_and_row_sums, apply_update, segments_of
 
 # The four per-channel sums, in this order, in the reduced buffer.
 _GRAD_PARAM, _GRAD_GRAD, _PARAM_PARAM, _PARAM_PERTURB = range(4)
@@ -68,32 +76,32 @@ class _Segments:
         # Channels ("rows") of every projected parameter (2+ dims), over the whole flat buffer, numbered in
         # parameter order; a shard holds a contiguous range of elements, hence of rows.
         row_param, param_numels, param_rows = [], [], []
-        element_row = torch.full((layout.numel,), -1, dtype=torch.int64)
-        lo, hi = layout.start, layout.start + layout.numel
-        for shape, offset in zip(layout.shapes, layout.offsets):
-            if len(shape) < 2:
-                continue
-            numel, rows = math.prod(shape), shape[0]
-            row_size = numel // rows
-            first_row = len(row_param)
-            param_index = len(param_numels)
-            param_numels.append(numel)
-            param_rows.append(rows)
-            row_param.extend([param_index] * rows)
-            a, b = max(offset, lo), min(offset + numel, hi)
-            if a < b:  # the part of this parameter in the tensor
-                local = torch.arange(a - offset, b - offset, dtype=torch.int64) // row_size
-                element_row[a - lo:b - lo] = first_row + local
+        for shape in layout.shapes:
+            if len(shape) >= 2:
+                row_param.extend([len(param_numels)] * shape[0])
+                param_numels.append(math.prod(shape))
+                param_rows.append(shape[0])
         self.num_rows = len(row_param)
         self.num_params = len(param_numels)
-        # Elements of 1-D parameters and padding point at one extra row whose coefficient is 0 and ratio 1.
-        element_row[element_row < 0] = self.num_rows
-        self.projects = bool((element_row < self.num_rows).any())
-        self.element_row = element_row.to(device=device, dtype=torch.int32)
+        # Elements of 1-D parameters and padding belong to one extra row whose coefficient is 0 and ratio 1.
+        # Contiguous segments of one row each: autowu.adamp_cpu's two passes on a contiguous CPU tensor.
+        self.first, self.length, self.row, _ = segments_of(layout.shapes, layout.offsets, layout.start, layout.numel)
+        self.projects = bool((self.row < self.num_rows).any())
+        self.fused = device.type == "cpu"
+        self.device = device
+        self._element_row: Optional[torch.Tensor] = None
         self.row_param = torch.tensor(row_param, dtype=torch.int64, device=device)
         self.inv_sqrt_row_size = torch.tensor([1 / math.sqrt(n // r) for n, r in zip(param_numels, param_rows)],
                                               device=device)
         self.inv_sqrt_param_numel = torch.tensor([1 / math.sqrt(n) for n in param_numels], device=device)
+
+    @property
+    def element_row(self) -> torch.Tensor:
+        """Every element's row, for index_add_ and index_select on a GPU (or a non-contiguous CPU tensor)."""
+        if self._element_row is None:
+            self._element_row = torch.repeat_interleave(torch.from_numpy(self.row).int(),
+                                                        torch.from_numpy(self.length)).to(self.device)
+        return self._element_row
 
 
 class ZeroAdamP(Optimizer):
@@ -120,6 +128,7 @@ class ZeroAdamP(Optimizer):
         self._layouts: Dict[torch.Tensor, Tuple[FlatLayout, Optional[object]]] = {
             p: (FlatLayout.whole(p.shape), None) for group in self.param_groups for p in group["params"]}
         self._segments: Dict[torch.Tensor, _Segments] = {}
+        self._scratch: Dict[torch.Tensor, torch.Tensor] = {}  # the CPU path's update direction, reused
         self.last_projected: Optional[torch.Tensor] = None  # per step: how many parameters were projected
 
     # ------------------------------------------------------------------ layout
@@ -163,14 +172,12 @@ class ZeroAdamP(Optimizer):
         process_groups = set()
         size = 0
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 segments, process_group = self._segments_of(p)
-                perturb = self._adam(p, group, beta1, beta2)
                 rows = segments.num_rows + 1
-                work.append((p, group, perturb, segments, slice(size, size + 4 * rows)))
+                work.append([p, group, None, segments, slice(size, size + 4 * rows)])
                 size += 4 * rows
                 if process_group is not None:
                     process_groups.add(process_group)
@@ -179,36 +186,66 @@ class ZeroAdamP(Optimizer):
         if len(process_groups) > 1:
             raise RuntimeError("ZeroAdamP: tensors of one step belong to different process groups")
 
-        # Partial channel sums of every tensor, into one buffer: one all-reduce a step.
+        # Adam's moments and the partial channel sums of every tensor, into one buffer: one all-reduce a step.
         sums = torch.zeros(size, dtype=torch.float32, device=work[0][0].device)
-        for p, _, perturb, segments, where in work:
-            if segments.projects:
-                partial = sums[where].view(4, -1)
-                index = segments.element_row
-                for row, (a, b) in enumerate(((p.grad, p), (p.grad, p.grad), (p, p), (p, perturb))):
-                    # reshape: elements in the logical (row-major) order the index uses, whatever the layout
-                    partial[row].index_add_(0, index, (a * b).reshape(-1).float())
+        for item in work:
+            p, group, _, segments, where = item
+            item[2] = self._adam_and_sums(p, group, segments, sums[where].view(4, -1))
         if process_groups:
             dist.all_reduce(sums, group=next(iter(process_groups)))
 
         projected = []
         for p, group, perturb, segments, where in work:
             projection = _project(sums[where].view(4, -1), segments, group) if segments.projects else None
+            coefficient, decay = _row_update(projection, segments, group, p.device)
             if projection is not None:
-                row_coefficient, row_uses_wd_ratio, count = projection
-                projected.append(count)
+                projected.append(projection[2])
+            step_size = group["lr"] / (1 - group["betas"][0] ** self.state[p]["step"])
+            if segments.fused and p.is_contiguous():
+                apply_update(_flat(p), _flat(perturb), segments.first, segments.length, segments.row,
+                             coefficient.numpy(), decay.numpy(), step_size)
+                continue
+            if projection is not None:
                 index = segments.element_row
-                perturb.sub_(p * row_coefficient.index_select(0, index).view(p.shape).to(p.dtype))
+                perturb.sub_(p * coefficient.index_select(0, index).view(p.shape).to(p.dtype))
                 if group["weight_decay"] > 0:
-                    lr_wd = group["lr"] * group["weight_decay"]
-                    factor = torch.where(row_uses_wd_ratio, 1.0 - lr_wd * group["wd_ratio"], 1.0 - lr_wd)
-                    p.mul_(factor.index_select(0, index).view(p.shape).to(p.dtype))
+                    p.mul_(decay.index_select(0, index).view(p.shape).to(p.dtype))
             elif group["weight_decay"] > 0:
                 p.mul_(1.0 - group["lr"] * group["weight_decay"])
-            p.add_(perturb, alpha=-group["lr"] / (1 - group["betas"][0] ** self.state[p]["step"]))
+            p.add_(perturb, alpha=-step_size)
         # For tests and logs: how many parameters took the projection this step (a device tensor, no sync).
         self.last_projected = torch.stack(projected).sum() if projected else None
         return loss
+
+    def _adam_and_sums(self, p: torch.Tensor, group: dict, segments: "_Segments",
+                       partial: torch.Tensor) -> torch.Tensor:
+        """Adam's moments; the four partial sums of every row into ``partial`` (4 x rows + 1); returns the
+        update direction (``perturb``)."""
+        beta1, beta2 = group["betas"]
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        if segments.fused and p.is_contiguous():
+            # As many threads as torch's (the launcher's share of the node's cores): not numba's default, all.
+            numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+            state["step"] += 1
+            perturb = self._scratch.get(p)
+            if perturb is None or perturb.shape != p.shape:
+                perturb = self._scratch[p] = torch.empty_like(p)  # once: no allocation a step
+            adam_and_row_sums(_flat(p), _flat(p.grad.contiguous()), _flat(state["exp_avg"]),
+                              _flat(state["exp_avg_sq"]), _flat(perturb), segments.first,
+                              segments.length, segments.row, partial.numpy(), beta1, beta2, group["eps"],
+                              math.sqrt(1 - beta2 ** state["step"]), bool(group["nesterov"]), segments.num_rows)
+            return perturb
+        perturb = self._adam(p, group, beta1, beta2)
+        if segments.projects:
+            index = segments.element_row
+            for row, (a, b) in enumerate(((p.grad, p), (p.grad, p.grad), (p, p), (p, perturb))):
+                # reshape: elements in the logical (row-major) order the index uses, whatever the layout
+                partial[row].index_add_(0, index, (a * b).reshape(-1).float())
+        return perturb
 
     def _adam(self, p: torch.Tensor, group: dict, beta1: float, beta2: float) -> torch.Tensor:
         """Adam's moments as timm updates them; returns the update direction (``perturb``)."""
@@ -227,6 +264,23 @@ class ZeroAdamP(Optimizer):
         if group["nesterov"]:
             return (beta1 * exp_avg + (1 - beta1) * grad) / denom
         return exp_avg / denom
+
+def _flat(tensor: torch.Tensor):
+    """A contiguous CPU tensor's elements as a 1-D numpy array sharing its memory."""
+    return tensor.detach().view(-1).numpy()
+
+
+def _row_update(projection, segments: _Segments, group: dict, device: torch.device):
+    """Per row (and the extra row): the coefficient of ``perturb -= c * param`` and the weight-decay factor."""
+    lr_wd = group["lr"] * group["weight_decay"]
+    if projection is None:
+        coefficient = torch.zeros(segments.num_rows + 1, device=device)
+        decay = torch.full((segments.num_rows + 1,), 1.0 - lr_wd, device=device)
+        return coefficient, decay
+    coefficient, uses_wd_ratio, _ = projection
+    decay = torch.where(uses_wd_ratio, 1.0 - lr_wd * group["wd_ratio"], 1.0 - lr_wd)
+    return coefficient, decay
+
 
 def _project(sums: torch.Tensor, segments: _Segments, group: dict):
     """AdamP's projection decision from complete channel sums, on the device (no host synchronisation).

@@ -22,7 +22,6 @@ parameters between ZeroAdamP and timm after 5 steps; on a GPU, ZeroAdamP's step 
 """
 import argparse
 import json
-import math
 import os
 import socket
 import statistics
@@ -134,7 +133,8 @@ def engine_part(repeats):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    if "RANK" not in os.environ:  # alone; under `deepspeed --num_gpus N` the launcher sets these
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     import deepspeed
     import timm.optim
 
@@ -143,12 +143,24 @@ def engine_part(repeats):
     device = torch.device("cpu")
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 1000, (2,))
     results = {}
+    world = torch.distributed.get_world_size()
     for name, block in (("zero1_adamp", {"type": "AdamP", "params": ADAMP}),
+                        ("zero1_fused_adamw", {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1}}),
                         ("zero1_plain_adamw", {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1,
                                                                            "torch_adam": True}})):
-        config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 1},
-                  "steps_per_print": 10 ** 9, "optimizer": block}
+        config = {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 2 * world,
+                  "zero_optimization": {"stage": 1}, "steps_per_print": 10 ** 9, "optimizer": block}
         engine, *_ = autowu_ds.initialize(model=resnet50(device), config=config)
+        # The client optimizer's step alone, as the engine calls it on this rank's ZeRO-1 partition.
+        basic = engine.optimizer.optimizer
+        optimizer_times, inner_step = [], basic.step
+
+        def timed_step(*args, **kwargs):
+            start = time.perf_counter()
+            out = inner_step(*args, **kwargs)
+            optimizer_times.append(time.perf_counter() - start)
+            return out
+        basic.step = timed_step
         step_times = []
         for i in range(repeats + 2):
             engine.backward(torch.nn.functional.cross_entropy(engine(x), y))
@@ -156,8 +168,15 @@ def engine_part(repeats):
             engine.step()
             if i >= 2:
                 step_times.append(time.perf_counter() - start)
+        optimizer_times = optimizer_times[2:]
         results[f"{name}_engine_step_ms"] = {"median": statistics.median(step_times) * 1e3,
                                              "min": min(step_times) * 1e3, "max": max(step_times) * 1e3}
+        results[f"{name}_optimizer_step_ms"] = {"median": statistics.median(optimizer_times) * 1e3,
+                                                "min": min(optimizer_times) * 1e3, "max": max(optimizer_times) * 1e3,
+                                                "class": f"{type(basic).__module__}.{type(basic).__name__}"}
+    results["adamp_over_fused_adamw_optimizer_step"] = (results["zero1_adamp_optimizer_step_ms"]["median"] /
+                                                        results["zero1_fused_adamw_optimizer_step_ms"]["median"])
+    results["ranks"] = world
     model = resnet50(device)
     opt = timm.optim.AdamP(model.parameters(), **ADAMP)
     step_times = []
@@ -186,6 +205,8 @@ def main():
     else:
         results = engine_part(args.repeats)
     results.update(torch=torch.__version__, cores=os.cpu_count(), part=args.part, device=args.device)
+    if os.environ.get("RANK", "0") != "0":
+        return
     for key, value in results.items():
         print(f"{key}: {value}")
     if args.json:

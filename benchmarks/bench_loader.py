@@ -1,8 +1,14 @@
-"""Train-loader throughput: FFCV (autowu.data.train_loader) against torchvision ImageFolder + DataLoader.
+"""Train-loader throughput: FFCV (autowu.data.train_loader) against torchvision ImageFolder + DataLoader, and
+against the decode limit.
 
 Same JPEGs (generated, 300-500 px, ImageNet-like sizes scaled down), same transforms (random-resized crop,
 horizontal flip, PCA lighting noise, normalisation to float32), same batch size and number of workers, in one
 run on one machine. Each loader gets a warm-up epoch first (FFCV: numba compilation; torchvision: page cache).
+
+The limit: the same stored images (the beton's bytes, JPEG or raw as written) decoded by FFCV's libjpeg-turbo
+call and cropped and resized by the same resize, on the same number of threads, with nothing else: no pipeline,
+no batching, no flip, lighting or normalisation, no tensors. FFCV's rate as a fraction of it says how much the
+loader adds to the work that cannot be avoided.
 
     .venv/bin/python benchmarks/bench_loader.py [--images 800] [--workers 2] [--resolution 176]
 """
@@ -52,6 +58,54 @@ class TorchLighting:
         return img + rgb.view(3, 1, 1)
 
 
+def decode_limit(path, resolution, scale, ratio, threads, epochs):
+    """Images a second of decode + crop + resize alone over the beton's stored images (see the module's text)."""
+    import numba
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.libffcv import imdecode
+    from ffcv.reader import Reader
+
+    from ffcv.libffcv import resize_crop
+
+    from autowu.data.decoders import HAVE_FAST_RESIZE, fast_resize_crop, seeded_random_crop
+    # Compiled as FFCV's Compiler.compile does for its pipelines; the resize the loader's decoder chooses.
+    resize = numba.njit(fast_resize_crop if HAVE_FAST_RESIZE else resize_crop)
+    decode_jpeg = numba.njit(imdecode)
+    reader = Reader(path)
+    fields = reader.metadata["f0"]
+    table = np.sort(reader.alloc_table, order="ptr")
+    where = np.searchsorted(table["ptr"], fields["data_ptr"])
+    sizes = table["size"][where].astype(np.int64)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    jpg = IMAGE_MODES["jpg"]
+    modes, heights, widths = (fields[k].astype(np.int64) for k in ("mode", "height", "width"))
+    ptrs = fields["data_ptr"].astype(np.int64)
+    out = np.empty((len(fields), resolution, resolution, 3), dtype=np.uint8)
+    scale, ratio = np.array(scale), np.array(ratio)
+
+    @numba.njit(parallel=True, nogil=True)
+    def run(epoch):
+        for k in numba.prange(len(ptrs)):
+            h, w = heights[k], widths[k]
+            source = data[ptrs[k]:ptrs[k] + sizes[k]]
+            if modes[k] == jpg:
+                image = np.empty((h, w, 3), dtype=np.uint8)
+                decode_jpeg(source, image, h, w, h, w, 0, 0, 1, 1, False, False)
+            else:
+                image = source[:h * w * 3].reshape(h, w, 3)
+            i, j, ch, cw = seeded_random_crop(h, w, scale, ratio, 0, epoch, k)
+            resize(image, i, i + ch, j, j + cw, out[k])
+
+    numba.set_num_threads(threads)
+    run(0)  # compilation
+    rates = []
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        run(epoch)
+        rates.append(len(ptrs) / (time.perf_counter() - start))
+    return rates
+
+
 def time_epochs(loader, epochs):
     rates = []
     for _ in range(epochs):
@@ -79,7 +133,9 @@ def main():
         write_betons(tmp, os.path.join(tmp, "betons"), WriteConfig(num_workers=args.workers), progress=False)
         config = TrainLoaderConfig(resolution=args.resolution,
                                    num_workers=args.workers, batches_ahead=3)
-        ffcv = train_loader(os.path.join(tmp, "betons", "train.beton"), config, args.batch_size)
+        beton = os.path.join(tmp, "betons", "train.beton")
+        limit_rates = decode_limit(beton, args.resolution, config.scale, config.ratio, args.workers, args.epochs)
+        ffcv = train_loader(beton, config, args.batch_size)
         time_epochs(ffcv, 1)  # numba compilation
         ffcv_rates = time_epochs(ffcv, args.epochs)
 
@@ -96,7 +152,9 @@ def main():
           f"cores={os.cpu_count()}")
     print(f"ffcv        images/s per epoch: {', '.join(f'{r:.0f}' for r in ffcv_rates)}  (best {ffcv_best:.0f})")
     print(f"torchvision images/s per epoch: {', '.join(f'{r:.0f}' for r in tv_rates)}  (best {tv_best:.0f})")
-    print(f"ratio (best/best): {ffcv_best / tv_best:.2f}x")
+    limit_best = max(limit_rates)
+    print(f"decode limit images/s per epoch: {', '.join(f'{r:.0f}' for r in limit_rates)}  (best {limit_best:.0f})")
+    print(f"ratio (best/best): {ffcv_best / tv_best:.2f}x torchvision; {ffcv_best / limit_best:.0%} of the decode limit")
 
 
 if __name__ == "__main__":

@@ -110,3 +110,57 @@ def test_set_ups_where_adamp_cannot_be_adamp_are_refused():
     params = autowu_ds.adamp_params({"optimizer": {"type": "adamp", "params": {"betas": [0.9, 0.99]}},
                                      "zero_optimization": {"stage": 2}})
     assert params == {"betas": (0.9, 0.99)}
+
+
+def test_cpu_segments_are_the_rows_of_a_partition_cut_through_parameters():
+    from autowu.adamp_cpu import segments_of
+    shapes, offsets = ((4, 3), (5,), (2, 2, 2), (3, 4)), (0, 12, 20, 28)   # gaps at 17-19 and 40+: padding
+    for start, numel in ((0, 44), (5, 20), (13, 9), (29, 15)):
+        first, length, row, num_rows = segments_of(shapes, offsets, start, numel)
+        assert num_rows == 4 + 2 + 3
+        assert first[0] == 0 and (first[1:] == first[:-1] + length[:-1]).all() and length.sum() == numel
+        expected = []   # every element's row, element by element
+        for k in range(start, start + numel):
+            r, base = num_rows, 0
+            for shape, offset in zip(shapes, offsets):
+                size = int(torch.tensor(shape).prod())
+                if len(shape) >= 2 and offset <= k < offset + size:
+                    r = base + (k - offset) // (size // shape[0])
+                base += shape[0] if len(shape) >= 2 else 0
+            expected.append(r)
+        assert torch.repeat_interleave(torch.tensor(row), torch.tensor(length)).tolist() == expected
+
+
+def test_the_fused_cpu_step_equals_the_device_path_and_any_thread_count():
+    """ZeRO-1's layout on one rank (a flat buffer of every parameter with padding between them): the fused numba
+    passes against the torch path a GPU runs (index_add_), and on 1 thread against 2: bit for bit."""
+    import numba
+
+    def run(fused, threads):
+        model = conv_bn_linear()
+        shapes = tuple(tuple(p.shape) for p in model.parameters())
+        offsets, end = [], 0
+        for p in model.parameters():
+            offsets.append(end)
+            end += p.numel() + 3   # padding, as ZeRO aligns parameters
+        flat = torch.nn.Parameter(torch.zeros(end))
+        for p, offset in zip(model.parameters(), offsets):
+            flat.data[offset:offset + p.numel()] = p.detach().reshape(-1)
+        opt = ZeroAdamP([flat], lr=0.01, weight_decay=0.1)
+        opt.set_layout(flat, FlatLayout(shapes, tuple(offsets), 0, end))
+        torch.set_num_threads(threads)
+        for step in range(4):
+            flat.grad = torch.randn(end, generator=torch.Generator().manual_seed(step))
+            segments, _ = opt._segments_of(flat)
+            segments.fused = fused
+            opt.step()
+        return flat.detach().clone()
+
+    threads = torch.get_num_threads()
+    try:
+        fused_two, fused_one, device_path = run(True, 2), run(True, 1), run(False, 2)
+    finally:
+        torch.set_num_threads(threads)
+    assert numba.config.NUMBA_NUM_THREADS >= 1
+    assert torch.equal(fused_one, fused_two)
+    assert ((fused_two - device_path).abs().max() / device_path.abs().max()).item() < 1e-6
