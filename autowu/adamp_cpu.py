@@ -58,26 +58,35 @@ def segments_of(shapes, offsets, start: int, numel: int) -> Tuple[np.ndarray, np
     return np.asarray(first, dtype=np.int64), np.asarray(length, dtype=np.int64), row, num_rows
 
 
-@njit(parallel=True, cache=True)
+# The inner loops run over slices from 0: so written, LLVM vectorises them (an inner loop over ``range(a, b)`` of
+# the whole arrays ran 3-6x slower). Reassociation (restricted fastmath) lets it vectorise the sums; each row
+# is still summed by one thread in one fixed order, so the result does not depend on the number of threads.
+@njit(parallel=True, cache=True, fastmath={"reassoc", "contract", "nsz"})
 def adam_and_row_sums(param, grad, exp_avg, exp_avg_sq, perturb, first, length, row, sums,
                       beta1, beta2, eps, sqrt_bias_correction2, nesterov, num_rows):
+    # float32 constants and arithmetic, as torch computes on float32 tensors; the sums in float64.
+    b1, b2 = np.float32(beta1), np.float32(beta2)
+    c1, c2 = np.float32(1.0 - beta1), np.float32(1.0 - beta2)
+    e, bc2 = np.float32(eps), np.float32(sqrt_bias_correction2)
+    nb1 = np.float32(beta1) if nesterov else np.float32(1.0)   # perturb = (nb1 * m + ng * g) / denom
+    ng = np.float32(1.0 - beta1) if nesterov else np.float32(0.0)
     for s in prange(first.shape[0]):
         a, n, r = first[s], length[s], row[s]
+        gs, ps, ms = grad[a:a + n], param[a:a + n], exp_avg[a:a + n]
+        vs, qs = exp_avg_sq[a:a + n], perturb[a:a + n]
         grad_param = grad_grad = param_param = param_perturb = 0.0
-        for i in range(a, a + n):
-            g = grad[i]
-            m = exp_avg[i] * beta1 + g * (1.0 - beta1)
-            v = exp_avg_sq[i] * beta2 + g * g * (1.0 - beta2)
-            exp_avg[i] = m
-            exp_avg_sq[i] = v
-            denom = math.sqrt(exp_avg_sq[i]) / sqrt_bias_correction2 + eps
-            q = (beta1 * exp_avg[i] + (1.0 - beta1) * g) / denom if nesterov else exp_avg[i] / denom
-            perturb[i] = q
-            p = param[i]
-            grad_param += g * p
-            grad_grad += g * g
-            param_param += p * p
-            param_perturb += p * perturb[i]
+        for i in range(n):
+            g, p = gs[i], ps[i]
+            m = ms[i] * b1 + g * c1
+            v = vs[i] * b2 + g * g * c2
+            ms[i] = m
+            vs[i] = v
+            q = (nb1 * m + ng * g) / (np.sqrt(v) / bc2 + e)
+            qs[i] = q
+            grad_param += np.float64(g * p)
+            grad_grad += np.float64(g * g)
+            param_param += np.float64(p * p)
+            param_perturb += np.float64(p * q)
         if r < num_rows:
             sums[0, r] = grad_param
             sums[1, r] = grad_grad
@@ -85,11 +94,12 @@ def adam_and_row_sums(param, grad, exp_avg, exp_avg_sq, perturb, first, length, 
             sums[3, r] = param_perturb
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath={"contract"})
 def apply_update(param, perturb, first, length, row, coefficient, decay, step_size):
     for s in prange(first.shape[0]):
         a, n, r = first[s], length[s], row[s]
-        c, d = coefficient[r], decay[r]
-        for i in range(a, a + n):
-            p = param[i]
-            param[i] = p * d - step_size * (perturb[i] - c * p)
+        c, d, lr = np.float32(coefficient[r]), np.float32(decay[r]), np.float32(step_size)
+        ps, qs = param[a:a + n], perturb[a:a + n]
+        for i in range(n):
+            p = ps[i]
+            ps[i] = p * d - lr * (qs[i] - c * p)

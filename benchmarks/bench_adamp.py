@@ -198,8 +198,9 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--local_rank", type=int, default=0)  # under `deepspeed --num_gpus N` (engine part)
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
     if args.part == "flat":
         results = flat_part(torch.device(args.device), args.repeats)
     else:
