@@ -139,6 +139,8 @@ def engine_part(repeats):
     import timm.optim
 
     import autowu.deepspeed as autowu_ds
+    import atexit
+    atexit.register(autowu_ds.remove_cpu_shm_buffers, os.environ["MASTER_PORT"], os.environ.get("LOCAL_RANK", "0"))
     deepspeed.init_distributed(dist_backend="gloo")
     device = torch.device("cpu")
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 1000, (2,))
