@@ -58,3 +58,4 @@ if rank == 0:
                 "autowu": {k: autowu_state[k] for k in ("last_step", "phase", "holds", "history", "losses")}},
                args.dump)
 dist.barrier()
+dist.destroy_process_group()  # a clean teardown: without it a rank now and then aborts at exit

@@ -143,3 +143,5 @@ result["timm_under_zero_saw"] = [list(p.shape) for p in timm_engine.optimizer.op
 with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
     json.dump(result, f)
 print(f"rank {rank} done", flush=True)
+dist.barrier()
+dist.destroy_process_group()  # a clean teardown: without it a rank now and then aborts at exit
