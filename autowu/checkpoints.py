@@ -134,8 +134,10 @@ class Checkpoints:
             return Verdict(tag, "no commit record: its save never finished")
         except (OSError, ValueError) as err:
             return Verdict(tag, f"unreadable commit record ({err})")
-        world = dist.get_world_size()
-        if record["world_size"] != world and _TAG.match(tag).group(2):
+        world, match = dist.get_world_size(), _TAG.match(tag)
+        if match is None:  # a universal checkpoint (converted): any number of ranks loads it
+            world = record["world_size"]
+        if record["world_size"] != world and match.group(2):
             # Mid-epoch, the ranks' shares of the epoch's remaining batches depend on their number.
             return Verdict(tag, f"stopped mid-epoch on {record['world_size']} ranks, resumes on "
                                 f"{record['world_size']} only")
@@ -161,7 +163,8 @@ class Checkpoints:
         ``<tag>_universal``), which ``"checkpoint": {"load_universal": true}`` loads on any number of ranks:
         model, AdamP's moments and step, AutoWU's state."""
         tag = self.resume_tag()
-        made_on, world = self.record(tag)["world_size"], dist.get_world_size()
+        record = self.record(tag)
+        made_on, world = record["world_size"], dist.get_world_size()
         if made_on == world:
             return tag
         converted = f"{tag}_universal"
@@ -169,7 +172,7 @@ class Checkpoints:
             self.log.line(f"resume: {tag} was saved on {made_on} rank(s), this run has {world}: converting it to "
                           f"DeepSpeed's universal checkpoint {converted}")
             _to_universal(os.path.join(self.dir, tag), os.path.join(self.dir, converted))
-            self._commit(converted, self.record(tag)["epoch"], self.record(tag)["global_step"], latest=False)
+            self._commit(converted, record["epoch"], record["global_step"], latest=False)
         dist.barrier()
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
         return converted
