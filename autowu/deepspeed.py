@@ -67,6 +67,26 @@ def remove_cpu_shm_buffers(master_port, local_rank="*") -> None:
             pass
 
 
+def end_process(exit_code: int = 0) -> None:
+    """End a DeepSpeed rank: a barrier, the process groups destroyed, atexit handlers run, output flushed, then
+    the process exits without the interpreter's finalisation.
+
+    Why not return normally: ``destroy_process_group`` forgets the groups but DeepSpeed still holds them (the
+    engine, its ZeRO optimizer, ``deepspeed.utils.groups``), so gloo's worker threads (4 ``pt_gloo_runloop``,
+    2 ``gloo_tcp_loop`` on 2 ranks, counted here) are still running when the interpreter tears down, and their
+    destructors then now and then abort the rank ("terminate called without an active exception", exit -6:
+    a finished run reported as failed; torch's pull request 179291 describes the same)."""
+    import atexit
+    import sys
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    atexit._run_exitfuncs()  # what a normal exit would run (DeepSpeed's /dev/shm files, loggers)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
+
+
 def load_config(config: Union[str, os.PathLike, Dict[str, Any]]) -> Dict[str, Any]:
     """A DeepSpeed config as a dict, from a dict or a JSON file, with a clear error for a bad file."""
     if isinstance(config, dict):

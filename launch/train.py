@@ -232,8 +232,7 @@ def main(argv=None):
     log_final(log, out_dir, result or evaluate(engine, val, infos["val"]["num_samples"], dtype), scheduler, autowu,
               stopped_early=args.stop_after_epoch is not None)
     log.close()
-    dist.barrier()
-    dist.destroy_process_group()  # torch's clean teardown: without it a rank can abort at exit
+    autowu_ds.end_process(0)  # without the interpreter's teardown, which now and then aborts a rank
 
 
 def resume(engine, checkpoints, tag, loader, device, log):

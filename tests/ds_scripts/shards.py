@@ -6,6 +6,7 @@ import os
 import deepspeed
 import torch.distributed as dist
 
+import autowu.deepspeed as autowu_ds
 from autowu.data import TrainLoaderConfig, ValLoaderConfig, train_loader, val_loader
 
 parser = argparse.ArgumentParser()
@@ -24,5 +25,4 @@ seen = {"train_epoch0": [int(v) for _, y in train for v in y],
         "val": [int(v) for _, y in val for v in y]}
 with open(os.path.join(out, f"shard{rank}.json"), "w") as f:
     json.dump(seen, f)
-dist.barrier()
-dist.destroy_process_group()  # a clean teardown: without it a rank now and then aborts at exit
+autowu_ds.end_process()  # without the interpreter's teardown, which now and then aborts a rank

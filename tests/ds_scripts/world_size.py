@@ -57,5 +57,4 @@ if rank == 0:
     torch.save({"params": dump, "adamp_steps": steps, "global_steps": engine.global_steps,
                 "autowu": {k: autowu_state[k] for k in ("last_step", "phase", "holds", "history", "losses")}},
                args.dump)
-dist.barrier()
-dist.destroy_process_group()  # a clean teardown: without it a rank now and then aborts at exit
+autowu_ds.end_process()  # without the interpreter's teardown, which now and then aborts a rank

@@ -143,5 +143,4 @@ result["timm_under_zero_saw"] = [list(p.shape) for p in timm_engine.optimizer.op
 with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
     json.dump(result, f)
 print(f"rank {rank} done", flush=True)
-dist.barrier()
-dist.destroy_process_group()  # a clean teardown: without it a rank now and then aborts at exit
+autowu_ds.end_process()  # without the interpreter's teardown, which now and then aborts a rank
