@@ -42,7 +42,9 @@ EXTRAS = {
     # FFCV's GPU NormalizeImage compiles a CuPy kernel with the NVRTC of cupy's CUDA major, which must be
     # torch's: the pinned torch (constraints.txt) is a CUDA 13 build. With a CUDA 12 torch use cupy-cuda12x.
     "gpu": ["cupy-cuda13x>=13"],
-    "dev": ["pytest>=7"],
+    # The tests: a real framework (Accelerate, whose DeepSpeed plugin imports transformers) building the engine
+    # from the JSON with AutoWU in it.
+    "dev": ["pytest>=7", "accelerate>=1.0", "transformers>=4.46"],
 }
 # Everything launch/train.py and the benchmarks use.
 EXTRAS["train"] = sorted(set(EXTRAS["deepspeed"] + EXTRAS["ffcv"] + EXTRAS["gpytorch"] + EXTRAS["plot"] + [

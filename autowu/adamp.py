@@ -155,7 +155,8 @@ class ZeroAdamP(Optimizer):
             raise RuntimeError(
                 f"ZeroAdamP was handed a tensor of shape {tuple(p.shape)} whose layout it was not told: a "
                 "flattened or partitioned parameter (ZeRO, an fp16 optimizer) would lose AdamP's projection. "
-                "Build the engine with autowu.deepspeed.initialize, which declares ZeRO's partitions.")
+                "Build the engine after `import autowu.deepspeed` (or call autowu.deepspeed.attach(engine)), "
+                "which declares ZeRO's partitions.")
         layout, group = self._layouts[p]
         if p not in self._segments:
             self._segments[p] = _Segments(layout, p.device)

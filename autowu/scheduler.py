@@ -273,7 +273,9 @@ class AutoWU:
             loss, self.pending_loss = self.pending_loss, None
         if self.phase == "warmup":
             if loss is None:
-                raise ValueError("AutoWU.step(loss): the warmup needs each step's training loss")
+                raise ValueError("AutoWU.step(loss): the warmup needs each step's training loss (under DeepSpeed the "
+                                 "engine hands it over from engine.backward(loss): build the engine after "
+                                 "`import autowu.deepspeed`, or call autowu.deepspeed.attach(engine))")
             self._record(loss)
         self.last_step += 1
         if self.phase == "warmup":
