@@ -19,24 +19,28 @@ it then
 The layer view's sums are the sums of the channel sums, so the same four numbers a channel serve both views.
 Without a layout (no ZeRO), every tensor is taken as a whole parameter of its own shape: the same code path.
 
-On the CPU, steps 1-2 and the update of step 4 are two fused numba passes over the tensor's contiguous row
-segments (``autowu.adamp_cpu``): no index scatter, no atomics, the same result on any number of threads, and
-about the cost of a fused Adam (``benchmarks/RESULTS.md``). On a GPU they are torch operations (``index_add_``,
+On the CPU the parameters a tensor holds whole take all four steps in one numba visit each, in cache, and the
+rows of the (at most two) parameters cut by its ends take two numba passes around the all-reduce
+(``autowu.adamp_cpu``): no index scatter, no atomics, the same result on any number of threads, near the cost
+of a fused Adam (``benchmarks/RESULTS.md``). On a GPU they are torch operations (``index_add_``,
 whose atomics make the sums' rounding vary from run to run).
 Checked against ``timm.optim.AdamP`` in ``tests/test_adamp.py`` (1-3 ranks, boundaries through parameters).
 """
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numba
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.optim.optimizer import Optimizer
 
-from .adamp_cpu import adam_and_row_sums, apply_update, segments_of
+from .adamp_cpu import (adam_and_row_sums, adamp_whole_parameters, apply_update, balanced_bins, segments_of,
+                        whole_parameter_units)
 
 # The four per-channel sums, in this order, in the reduced buffer.
 _GRAD_PARAM, _GRAD_GRAD, _PARAM_PARAM, _PARAM_PERTURB = range(4)
@@ -88,12 +92,22 @@ class _Segments:
         self.first, self.length, self.row, _ = segments_of(layout.shapes, layout.offsets, layout.start, layout.numel)
         self.projects = bool((self.row < self.num_rows).any())
         self.fused = device.type == "cpu"
+        # The CPU path: parameters wholly in this tensor in one pass each; the rows of parameters cut by its ends
+        # (``shared``) in two, around the all-reduce that completes their sums.
+        self.units, self.shared = whole_parameter_units(layout.shapes, layout.offsets, layout.start, layout.numel)
+        self.shares = len(self.shared.first) > 0
+        self._bins: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
         self.device = device
         self._element_row: Optional[torch.Tensor] = None
         self.row_param = torch.tensor(row_param, dtype=torch.int64, device=device)
         self.inv_sqrt_row_size = torch.tensor([1 / math.sqrt(n // r) for n, r in zip(param_numels, param_rows)],
                                               device=device)
         self.inv_sqrt_param_numel = torch.tensor([1 / math.sqrt(n) for n in param_numels], device=device)
+
+    def bins(self, num_threads: int) -> Tuple[np.ndarray, np.ndarray]:
+        if num_threads not in self._bins:
+            self._bins[num_threads] = balanced_bins(self.units.rows * self.units.row_size, num_threads)
+        return self._bins[num_threads]
 
     @property
     def element_row(self) -> torch.Tensor:
@@ -197,14 +211,20 @@ class ZeroAdamP(Optimizer):
 
         projected = []
         for p, group, perturb, segments, where in work:
+            fused = segments.fused and p.is_contiguous()
+            if fused and not process_groups and not segments.shares:
+                projected.append(torch.tensor(int(perturb.sum())))  # every decision taken in the one pass
+                continue
             projection = _project(sums[where].view(4, -1), segments, group) if segments.projects else None
             coefficient, decay = _row_update(projection, segments, group, p.device)
             if projection is not None:
                 projected.append(projection[2])
             step_size = group["lr"] / (1 - group["betas"][0] ** self.state[p]["step"])
-            if segments.fused and p.is_contiguous():
-                apply_update(_flat(p), _flat(perturb), segments.first, segments.length, segments.row,
-                             coefficient.numpy(), decay.numpy(), step_size)
+            if fused:
+                if segments.shares:  # the second pass of the shared rows, with their completed sums
+                    shared = segments.shared
+                    apply_update(_flat(p), _flat(self._scratch[p]), shared.first, shared.length, shared.row,
+                                 coefficient.numpy(), decay.numpy(), step_size)
                 continue
             if projection is not None:
                 index = segments.element_row
@@ -229,17 +249,7 @@ class ZeroAdamP(Optimizer):
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
         if segments.fused and p.is_contiguous():
-            # As many threads as torch's (the launcher's share of the node's cores): not numba's default, all.
-            numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-            state["step"] += 1
-            perturb = self._scratch.get(p)
-            if perturb is None or perturb.shape != p.shape:
-                perturb = self._scratch[p] = torch.empty_like(p)  # once: no allocation a step
-            adam_and_row_sums(_flat(p), _flat(p.grad.contiguous()), _flat(state["exp_avg"]),
-                              _flat(state["exp_avg_sq"]), _flat(perturb), segments.first,
-                              segments.length, segments.row, partial.numpy(), beta1, beta2, group["eps"],
-                              math.sqrt(1 - beta2 ** state["step"]), bool(group["nesterov"]), segments.num_rows)
-            return perturb
+            return self._cpu_pass(p, group, segments, partial)
         perturb = self._adam(p, group, beta1, beta2)
         if segments.projects:
             index = segments.element_row
@@ -247,6 +257,37 @@ class ZeroAdamP(Optimizer):
                 # reshape: elements in the logical (row-major) order the index uses, whatever the layout
                 partial[row].index_add_(0, index, (a * b).reshape(-1).float())
         return perturb
+
+    def _cpu_pass(self, p: torch.Tensor, group: dict, segments: "_Segments", partial: torch.Tensor) -> np.ndarray:
+        """The CPU path's first pass: whole parameters done (Adam, sums, decision, update), the shared rows'
+        Adam and partial sums (their update direction kept for the second pass). Returns each unit's
+        projected flag."""
+        # As many threads as torch's (the launcher's share of the node's cores): not numba's default, all.
+        threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+        numba.set_num_threads(threads)
+        beta1, beta2 = group["betas"]
+        state = self.state[p]
+        state["step"] += 1
+        param, grad = _flat(p), _flat(p.grad.contiguous())
+        exp_avg, exp_avg_sq = _flat(state["exp_avg"]), _flat(state["exp_avg_sq"])
+        sqrt_bias_correction2 = math.sqrt(1 - beta2 ** state["step"])
+        lr_wd = group["lr"] * group["weight_decay"]
+        units, (order, bin_start) = segments.units, segments.bins(threads * int(os.environ.get("BINS_PER_THREAD", "1")))
+        projected = np.zeros(len(units.first), dtype=np.int64)
+        if segments.shares:  # before the whole parameters' updates: nothing here reads another row
+            perturb = self._scratch.get(p)
+            if perturb is None or perturb.shape != p.shape:
+                perturb = self._scratch[p] = torch.empty_like(p)  # once: no allocation a step
+            shared = segments.shared
+            adam_and_row_sums(param, grad, exp_avg, exp_avg_sq, _flat(perturb), shared.first, shared.length,
+                              shared.row, partial.numpy(), beta1, beta2, group["eps"], sqrt_bias_correction2,
+                              bool(group["nesterov"]), segments.num_rows)
+        adamp_whole_parameters(param, grad, exp_avg, exp_avg_sq, units.first, units.rows, units.row_size,
+                               units.projects, units.row0, order, bin_start, partial.numpy(), beta1, beta2,
+                               group["eps"], sqrt_bias_correction2, bool(group["nesterov"]), group["delta"],
+                               group["lr"] / (1 - beta1 ** state["step"]), np.float32(1.0 - lr_wd),
+                               np.float32(1.0 - lr_wd * group["wd_ratio"]), projected)
+        return projected
 
     def _adam(self, p: torch.Tensor, group: dict, beta1: float, beta2: float) -> torch.Tensor:
         """Adam's moments as timm updates them; returns the update direction (``perturb``)."""

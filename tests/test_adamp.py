@@ -131,6 +131,30 @@ def test_cpu_segments_are_the_rows_of_a_partition_cut_through_parameters():
         assert torch.repeat_interleave(torch.tensor(row), torch.tensor(length)).tolist() == expected
 
 
+def test_cpu_units_are_whole_parameters_and_the_shared_rows_the_cut_ones():
+    """The one-pass CPU path takes the parameters wholly inside a tensor; the rows of parameters its ends cut
+    go to the two-pass path (their sums need the other ranks'). Together: every element once."""
+    from autowu.adamp_cpu import balanced_bins, whole_parameter_units
+    shapes, offsets = ((4, 3), (5,), (2, 2, 2), (3, 4)), (0, 12, 20, 28)
+    for start, numel, whole, cut_rows in (((0, 44, [0, 2, 3], [])), (5, 20, [], [1, 2, 3, 4, 5]),
+                                          (13, 9, [], [4]), (20, 24, [2, 3], [])):
+        units, shared = whole_parameter_units(shapes, offsets, start, numel)
+        covered = torch.zeros(numel, dtype=torch.int64)
+        for first, rows, size in zip(units.first, units.rows, units.row_size):
+            covered[first:first + rows * size] += 1
+        for first, length in zip(shared.first, shared.length):
+            covered[first:first + length] += 1
+        assert covered.eq(1).all()
+        whole_found = [j for j, (shape, offset) in enumerate(zip(shapes, offsets))
+                       if len(shape) > 1 and offset - start in units.first.tolist()]
+        assert whole_found == whole and sorted(set(shared.row.tolist())) == cut_rows
+        assert not units.projects[units.row0 == 9].any() and units.projects[units.row0 < 9].all()
+    sizes = torch.tensor([100, 1, 1, 1, 60, 40, 3]).numpy()
+    order, bin_start = balanced_bins(sizes, 2)
+    loads = [int(sizes[order[bin_start[t]:bin_start[t + 1]]].sum()) for t in range(2)]
+    assert sorted(order.tolist()) == list(range(7)) and loads == [103, 103]
+
+
 def test_the_fused_cpu_step_equals_the_device_path_and_any_thread_count():
     """ZeRO-1's layout on one rank (a flat buffer of every parameter with padding between them): the fused numba
     passes against the torch path a GPU runs (index_add_), and on 1 thread against 2: bit for bit."""
