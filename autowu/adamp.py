@@ -21,8 +21,8 @@ Without a layout (no ZeRO), every tensor is taken as a whole parameter of its ow
 
 On the CPU the parameters a tensor holds whole take all four steps in one numba visit each, in cache, and the
 rows of the (at most two) parameters cut by its ends take two numba passes around the all-reduce
-(``autowu.adamp_cpu``): no index scatter, no atomics, the same result on any number of threads, near the cost
-of a fused Adam (``benchmarks/RESULTS.md``). On a GPU they are torch operations (``index_add_``,
+(``autowu.adamp_cpu``): no index scatter, no atomics, the same result on any number of threads, 2-3x the cost
+of DeepSpeed's fused Adam on 2 cores (``benchmarks/RESULTS.md``). On a GPU they are torch operations (``index_add_``,
 whose atomics make the sums' rounding vary from run to run).
 Checked against ``timm.optim.AdamP`` in ``tests/test_adamp.py`` (1-3 ranks, boundaries through parameters).
 """
