@@ -44,6 +44,8 @@ EXTRAS = {
     "gpu": ["cupy-cuda13x>=13"],
     # The tests: a real framework (Accelerate, whose DeepSpeed plugin imports transformers) building the engine
     # from the JSON with AutoWU in it.
+    # benchmarks/bench_schedules.py's tuning-free rivals: schedule-free AdamW/SGD and Prodigy.
+    "bench": ["schedulefree>=1.4", "prodigyopt>=1.1"],
     "dev": ["pytest>=7", "accelerate>=1.0", "transformers>=4.46"],
 }
 # Everything launch/train.py and the benchmarks use.

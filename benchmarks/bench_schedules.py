@@ -10,7 +10,10 @@ initialisation, the batch order and the spikes.
 Runs per task and seed:
 - ``paper``: AutoWU exactly as the paper's code (``mode="paper"``);
 - ``default``: AutoWU as this package ships it;
-- ``grid``: 7 peak LRs, each a linear warmup over the first 5% of steps and a cosine to 0: the tuned reference.
+- ``grid``: 7 peak LRs, each a linear warmup over the first 5% of steps and a cosine to 0: the tuned reference;
+- ``schedulefree`` and ``prodigy``: the tuning-free methods a user would pick instead (schedule-free AdamW/SGD,
+  Defazio et al. 2024; Prodigy with cosine annealing, Mishchenko and Defazio 2024), each at its package's
+  documented defaults and recommended use (``build_rival``; the ``bench`` extra installs them).
 
 Reports per task: mean and worst-seed top-1, the gap to the best grid point (mean over seeds), the switch epoch
 and peak LR of AutoWU, and the seconds spent in the scheduler. Checks the bars of issue 10.
@@ -36,6 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from autowu import AutoWU  # noqa: E402
 
+AUTOWU_METHODS = ("paper", "default")
+RIVALS = ("schedulefree", "prodigy")
 ADAM_GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 SGD_GRID = [3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0]
 GRID_WARMUP_FRACTION = 0.05
@@ -95,13 +100,37 @@ def build_model(kind: str) -> torch.nn.Module:
         torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(32 * 16, 10))
 
 
+WEIGHT_DECAY = {"adamw": 0.1, "adamp": 0.1, "sgd": 5e-4}
+
+
 def build_optimizer(kind: str, params, lr: float):
     if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY[kind])
     if kind == "adamp":
         from timm.optim import AdamP
-        return AdamP(params, lr=lr, weight_decay=0.1, delta=0.1, wd_ratio=0.1)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        return AdamP(params, lr=lr, weight_decay=WEIGHT_DECAY[kind], delta=0.1, wd_ratio=0.1)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=WEIGHT_DECAY[kind])
+
+
+def build_rival(method: str, kind: str, params, total_steps: int):
+    """A tuning-free rival at its package's documented defaults and recommended use, with the task's weight
+    decay: (optimizer, scheduler or None).
+
+    - ``schedulefree``: the form of the task's optimizer family (AdamW for AdamW and AdamP, SGD for SGD) at its
+      default LR (0.0025 and 1.0), momentum 0.9, and the warmup its README recommends (5% of the steps, as the
+      grid's); no schedule.
+    - ``prodigy``: Prodigy at lr 1.0 (its recommendation for all networks), AdamW-style weight decay, with the
+      cosine annealing over the whole run its README recommends.
+    """
+    if method == "schedulefree":
+        import schedulefree
+        warmup = max(1, round(GRID_WARMUP_FRACTION * total_steps))
+        if kind == "sgd":
+            return schedulefree.SGDScheduleFree(params, weight_decay=WEIGHT_DECAY[kind], warmup_steps=warmup), None
+        return schedulefree.AdamWScheduleFree(params, weight_decay=WEIGHT_DECAY[kind], warmup_steps=warmup), None
+    from prodigyopt import Prodigy
+    optimizer = Prodigy(params, lr=1.0, weight_decay=WEIGHT_DECAY[kind])
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
 
 
 class GridSchedule:
@@ -138,8 +167,14 @@ def run(task_name: str, seed: int, method: str, peak_lr: Optional[float] = None,
     model = build_model(task.model)
     steps_per_epoch = len(x_train) // task.batch_size
     total_steps = steps_per_epoch * task.epochs
-    optimizer = build_optimizer(task.optimizer, model.parameters(), lr=1e-3)
-    if method == "grid":
+    if method in RIVALS:
+        optimizer, scheduler = build_rival(method, task.optimizer, model.parameters(), total_steps)
+    else:
+        optimizer = build_optimizer(task.optimizer, model.parameters(), lr=1e-3)
+    if method in RIVALS:
+        if hasattr(optimizer, "train"):
+            optimizer.train()  # schedule-free: gradients at y (the training point)
+    elif method == "grid":
         scheduler = GridSchedule(optimizer, total_steps, peak_lr)
     else:
         scheduler = AutoWU(optimizer, steps_per_epoch, task.epochs, immediate_cooldown=True,
@@ -148,7 +183,7 @@ def run(task_name: str, seed: int, method: str, peak_lr: Optional[float] = None,
     order_rng = torch.Generator().manual_seed(1000 + seed)
     spike_rng = np.random.default_rng(2000 + seed)
     criterion = torch.nn.CrossEntropyLoss()
-    scheduler_seconds, diverged = 0.0, False
+    scheduler_seconds, diverged, max_prodigy_lr = 0.0, False, 0.0
     model.train()
     for epoch in range(task.epochs):
         order = torch.randperm(len(x_train), generator=order_rng)
@@ -166,20 +201,38 @@ def run(task_name: str, seed: int, method: str, peak_lr: Optional[float] = None,
             if torch.isfinite(loss) and not overflow:
                 loss.backward()
                 optimizer.step()
+                if method == "prodigy":
+                    group = optimizer.param_groups[0]
+                    max_prodigy_lr = max(max_prodigy_lr, group["d"] * group["lr"])
             else:
                 diverged = diverged or not torch.isfinite(loss)
             # An fp16 overflow step: the update is skipped and the loss it reports is inf.
             reported = torch.tensor(math.inf) if overflow else loss.detach()
             started = time.perf_counter()
-            scheduler.step(reported)
+            if method in RIVALS:
+                if scheduler is not None:
+                    scheduler.step()
+            else:
+                scheduler.step(reported)
             scheduler_seconds += time.perf_counter() - started
+    if hasattr(optimizer, "eval"):  # schedule-free: evaluate at x, with BatchNorm statistics taken there
+        optimizer.eval()
+        if any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
+            with torch.no_grad():  # its README's recipe: 50 training batches in train mode, no update
+                order = torch.randperm(len(x_train), generator=order_rng)
+                for i in range(min(50, steps_per_epoch)):
+                    model(x_train[order[i * task.batch_size:(i + 1) * task.batch_size]])
     model.eval()
     with torch.no_grad():
         logits = model(x_test)
         top1 = float((logits.argmax(1) == y_test).float().mean()) if torch.isfinite(logits).all() else 0.1
     result = {"task": task_name, "seed": seed, "method": method, "peak_lr": peak_lr, "top1": top1 * 100,
               "scheduler_seconds": scheduler_seconds, "steps_per_epoch": steps_per_epoch, "epochs": task.epochs}
-    if method != "grid":
+    if method == "prodigy":  # the LR Prodigy arrived at: d times the (cosine-scaled) lr, at its largest
+        result.update(peak_lr=max_prodigy_lr)
+    elif method == "schedulefree":
+        result.update(peak_lr=optimizer.param_groups[0]["lr"])
+    if method in AUTOWU_METHODS:
         result.update(peak_lr=scheduler.peak_lr, switch_step=scheduler.switch_step,
                       switch_epoch=None if scheduler.switch_step is None else scheduler.switch_step / steps_per_epoch,
                       tests=[{k: r.get(k) for k in ("step", "lr", "probability", "passed", "argmin_lr",
@@ -209,13 +262,14 @@ def summarise(results: List[Dict]) -> Dict:
         best_lr = max(grid_means, key=grid_means.get) if grid_means else None
         entry = {"grid": {f"{lr:g}": m for lr, m in sorted(grid_means.items())}, "best_grid_lr": best_lr,
                  "best_grid_top1": grid_means.get(best_lr), "methods": {}}
-        for method in ("paper", "default"):
+        for method in AUTOWU_METHODS + RIVALS:
             mine = {r["seed"]: r for r in runs if r["method"] == method}
             if not mine:
                 continue
             accs = [mine[s]["top1"] for s in seeds if s in mine]
             m = {"mean_top1": statistics.mean(accs), "worst_top1": min(accs),
-                 "switch_epochs": [mine[s]["switch_epoch"] for s in seeds if s in mine],
+                 "std_top1": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                 "switch_epochs": [mine[s].get("switch_epoch") for s in seeds if s in mine],
                  "peak_lrs": [mine[s]["peak_lr"] for s in seeds if s in mine],
                  "scheduler_seconds": statistics.mean(mine[s]["scheduler_seconds"] for s in seeds if s in mine),
                  "per_seed": {s: mine[s]["top1"] for s in seeds if s in mine}}
@@ -224,6 +278,10 @@ def summarise(results: List[Dict]) -> Dict:
                 medians = {s: statistics.median(grid[lr][s] for lr in grid if s in grid[lr]) for s in seeds}
                 m["worst_below_grid_median"] = max(medians[s] - mine[s]["top1"] for s in seeds if s in mine)
             entry["methods"][method] = m
+        rivals = {k: v["mean_top1"] for k, v in entry["methods"].items() if k in RIVALS}
+        if rivals and "default" in entry["methods"]:
+            entry["best_rival"] = max(rivals, key=rivals.get)
+            entry["default_minus_best_rival"] = entry["methods"]["default"]["mean_top1"] - rivals[entry["best_rival"]]
         if "paper" in entry["methods"] and "default" in entry["methods"]:
             p, d = entry["methods"]["paper"]["per_seed"], entry["methods"]["default"]["per_seed"]
             entry["worst_below_paper"] = max(p[s] - d[s] for s in p if s in d)
@@ -241,18 +299,22 @@ def bars(summary: Dict) -> Dict:
                                       default=None), "bar_below_paper": 1.0,
         "worst_seed_below_grid_median": max((d.get("worst_below_grid_median", -math.inf) for d in defaults),
                                             default=None), "bar_below_grid_median": 2.0,
+        # issue 19: the default at or above the best tuning-free rival on every task
+        "worst_default_minus_best_rival": min((e["default_minus_best_rival"] for e in summary.values()
+                                               if "default_minus_best_rival" in e), default=None),
+        "bar_default_minus_best_rival": 0.0,
     }
 
 
 def table(summary: Dict) -> str:
-    lines = ["| task | method | mean top-1 | worst seed | gap to best grid | switch epoch | peak LR | sched. s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | method | mean top-1 | sd over seeds | worst seed | gap to best grid | switch epoch | peak LR | "
+             "sched. s |", "|---|---|---|---|---|---|---|---|---|"]
     for task, e in summary.items():
         if e["best_grid_lr"] is not None:
-            lines.append(f"| {task} | grid best ({e['best_grid_lr']:g}) | {e['best_grid_top1']:.2f} | | 0 | | | |")
+            lines.append(f"| {task} | grid best ({e['best_grid_lr']:g}) | {e['best_grid_top1']:.2f} | | | 0 | | | |")
         for method, m in e["methods"].items():
             lines.append(
-                f"| {task} | {method} | {m['mean_top1']:.2f} | {m['worst_top1']:.2f} | "
+                f"| {task} | {method} | {m['mean_top1']:.2f} | {m['std_top1']:.2f} | {m['worst_top1']:.2f} | "
                 f"{m.get('gap_to_best_grid', float('nan')):+.2f} | "
                 f"{', '.join('-' if s is None else f'{s:.0f}' for s in m['switch_epochs'])} | "
                 f"{', '.join('-' if p is None else f'{p:.2g}' for p in m['peak_lrs'])} | "
@@ -264,7 +326,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--methods", default="paper,default,grid")
+    parser.add_argument("--methods", default="paper,default,grid,schedulefree,prodigy")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", default=None, help="JSON with every run, the summary and the bars")
     parser.add_argument("--autowu", default=None, help="JSON of AutoWU keyword arguments for the default runs "
@@ -285,7 +347,7 @@ def main():
         results = []
         for i, result in enumerate(pool.imap_unordered(_run_star, jobs)):
             results.append(result)
-            what = f"lr {result['peak_lr']:g}" if result["method"] == "grid" else (
+            what = f"lr {result['peak_lr']:g}" if result["method"] in ("grid",) + RIVALS else (
                 f"switch epoch {result['switch_epoch']}, peak LR {result['peak_lr']:.3g}")
             print(f"[{i + 1}/{len(jobs)}] {result['task']} seed {result['seed']} {result['method']}: "
                   f"top-1 {result['top1']:.2f}, {what}", flush=True)

@@ -25,7 +25,7 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/python -m pip install -q --upgrade pip wheel setuptools
 fi
 
-extras=${AUTOWU_EXTRAS:-train,dev}
+extras=${AUTOWU_EXTRAS:-train,dev,bench}
 echo "[setup] installing autowu[$extras] with constraints.txt (first run: a few minutes)"
 # torch and torchvision first, as a pair: a torch that another package drags in alone may not match torchvision.
 .venv/bin/python -m pip install -q -c constraints.txt torch torchvision
