@@ -24,7 +24,6 @@ import functools
 import inspect
 from typing import List
 
-import torch
 
 # Arguments of DeepSpeedEngine.__init__ the seam reads or fills in.
 INIT_ARGUMENTS = ("model", "optimizer", "model_parameters", "lr_scheduler", "config_class")

@@ -12,7 +12,6 @@ import json
 import os
 
 import torch
-import torch.distributed as dist
 from sklearn.datasets import load_digits
 
 import autowu.deepspeed as autowu_ds  # registers "AutoWU" and "AdamP" with DeepSpeed
