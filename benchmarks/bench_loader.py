@@ -106,13 +106,21 @@ def decode_limit(path, resolution, scale, ratio, threads, epochs):
     return rates
 
 
-def time_epochs(loader, epochs):
+def time_epochs(loader, epochs, parts=None):
+    """Images a second of each epoch; with ``parts`` (a list), each epoch's (seconds to its first batch, images a
+    second after it) are appended: the epoch's start against its steady state."""
     rates = []
     for _ in range(epochs):
-        start, count = time.perf_counter(), 0
+        start, count, first = time.perf_counter(), 0, None
         for images, labels in loader:
+            if first is None:
+                first = time.perf_counter()
+                first_count = len(labels)
             count += len(labels)
-        rates.append(count / (time.perf_counter() - start))
+        end = time.perf_counter()
+        rates.append(count / (end - start))
+        if parts is not None:
+            parts.append((first - start, (count - first_count) / (end - first)))
     return rates
 
 
@@ -137,7 +145,8 @@ def main():
         limit_rates = decode_limit(beton, args.resolution, config.scale, config.ratio, args.workers, args.epochs)
         ffcv = train_loader(beton, config, args.batch_size)
         time_epochs(ffcv, 1)  # numba compilation
-        ffcv_rates = time_epochs(ffcv, args.epochs)
+        ffcv_parts = []
+        ffcv_rates = time_epochs(ffcv, args.epochs, ffcv_parts)
 
         transform = T.Compose([T.RandomResizedCrop(args.resolution), T.RandomHorizontalFlip(), T.ToTensor(),
                                TorchLighting(0.1), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
@@ -155,6 +164,10 @@ def main():
     limit_best = max(limit_rates)
     print(f"decode limit images/s per epoch: {', '.join(f'{r:.0f}' for r in limit_rates)}  (best {limit_best:.0f})")
     print(f"ratio (best/best): {ffcv_best / tv_best:.2f}x torchvision; {ffcv_best / limit_best:.0%} of the decode limit")
+    steady = max(rate for _, rate in ffcv_parts)
+    print(f"ffcv epoch start (to the first batch) s: {', '.join(f'{t:.3f}' for t, _ in ffcv_parts)}; after it "
+          f"images/s: {', '.join(f'{r:.0f}' for _, r in ffcv_parts)} (best {steady:.0f}: {steady / limit_best:.0%} "
+          "of the decode limit)")
 
 
 if __name__ == "__main__":
