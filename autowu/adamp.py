@@ -29,7 +29,6 @@ Checked against ``timm.optim.AdamP`` in ``tests/test_adamp.py`` (1-3 ranks, boun
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -183,7 +182,9 @@ class ZeroAdamP(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = []  # (p, group, perturb, segments, slice of the reduced buffer)
+        # (p, group, what the first pass returned, segments, slice of the reduced buffer); the first pass returns
+        # the update direction, or on the CPU path each whole parameter's projected flag
+        work = []
         process_groups = set()
         size = 0
         for group in self.param_groups:
@@ -210,10 +211,10 @@ class ZeroAdamP(Optimizer):
             dist.all_reduce(sums, group=next(iter(process_groups)))
 
         projected = []
-        for p, group, perturb, segments, where in work:
+        for p, group, first_pass, segments, where in work:
             fused = segments.fused and p.is_contiguous()
             if fused and not process_groups and not segments.shares:
-                projected.append(torch.tensor(int(perturb.sum())))  # every decision taken in the one pass
+                projected.append(torch.tensor(int(first_pass.sum())))  # every decision taken in the one pass
                 continue
             projection = _project(sums[where].view(4, -1), segments, group) if segments.projects else None
             coefficient, decay = _row_update(projection, segments, group, p.device)
@@ -226,6 +227,7 @@ class ZeroAdamP(Optimizer):
                     apply_update(_flat(p), _flat(self._scratch[p]), shared.first, shared.length, shared.row,
                                  coefficient.numpy(), decay.numpy(), step_size)
                 continue
+            perturb = first_pass
             if projection is not None:
                 index = segments.element_row
                 perturb.sub_(p * coefficient.index_select(0, index).view(p.shape).to(p.dtype))
@@ -272,7 +274,7 @@ class ZeroAdamP(Optimizer):
         exp_avg, exp_avg_sq = _flat(state["exp_avg"]), _flat(state["exp_avg_sq"])
         sqrt_bias_correction2 = math.sqrt(1 - beta2 ** state["step"])
         lr_wd = group["lr"] * group["weight_decay"]
-        units, (order, bin_start) = segments.units, segments.bins(threads * int(os.environ.get("BINS_PER_THREAD", "1")))
+        units, (order, bin_start) = segments.units, segments.bins(threads)
         projected = np.zeros(len(units.first), dtype=np.int64)
         if segments.shares:  # before the whole parameters' updates: nothing here reads another row
             perturb = self._scratch.get(p)

@@ -1,12 +1,12 @@
 """ZeroAdamP's step on the CPU: fused numba passes over a flat tensor, instead of some twenty torch passes.
 
 A flat tensor (a ZeRO partition, or a whole parameter) holds whole parameters and, at its ends, parts of
-parameters that a partition boundary cuts. A whole parameter's AdamP decision needs only its own elements, so
-``adamp_whole_parameters`` does everything for it in one visit: Adam's moments, the four sums of every channel
-("row"), the decision (channel view, else layer view), the update, while the parameter is still in the cache.
-The update direction is recomputed from the moments in the second loop rather than stored, so the memory sees
-what a fused Adam reads and writes. Parameters are dealt to threads by size (``balanced_bins``), each done by
-one thread in one fixed order: the result does not depend on the number of threads.
+parameters that a partition boundary cuts. A whole parameter's AdamP decision needs only its own elements and
+only grad.param, grad.grad and param.param of each channel ("row"), so ``adamp_whole_parameters`` reads param
+and grad once to decide, then gives each row Adam's moments, its update direction and its param.perturb sum
+and updates it while it is in the L1 cache (a layer-view projection, whose coefficient is the whole
+parameter's, visits it once more). Parameters are dealt to threads by size (``balanced_bins``), each done by one
+thread in one fixed order: the result does not depend on the number of threads.
 
 The rows of cut parameters (``Segments``: at most one parameter at each end of a ZeRO partition) take two
 passes around the all-reduce that completes their sums over the ranks:
