@@ -286,19 +286,22 @@ def _refuse_shape_dependent_client_optimizer(optimizer, config: Dict[str, Any]) 
             "\"params\": {...}} in the config (autowu's ZeRO-aware AdamP) and pass no optimizer")
 
 
-def refuse_unsupported(config: Dict[str, Any], optimizer=None, lr_scheduler=None) -> None:
+def refuse_unsupported(config: Dict[str, Any], optimizer=None, lr_scheduler=None):
     """Every refusal of a config (and the client optimizer or scheduler passed with it) before an engine is built:
     unknown top-level keys, bad AutoWU or AdamP params, AdamP where it cannot be AdamP, a shape-dependent
-    optimizer on ZeRO's flat partitions, a config block and a client object for the same thing."""
+    optimizer on ZeRO's flat partitions, a config block and a client object for the same thing. Returns
+    ``(autowu_params(config), adamp_params(config))``."""
     check_config_keys(config)
     _refuse_shape_dependent_config_optimizer(config)
-    if autowu_params(config) is not None and lr_scheduler is not None:
+    scheduler_params, optimizer_params = autowu_params(config), adamp_params(config)
+    if scheduler_params is not None and lr_scheduler is not None:
         raise ValueError("the config selects AutoWU and an lr_scheduler was passed too: choose one")
-    if adamp_params(config) is not None:
+    if optimizer_params is not None:
         if optimizer is not None:
             raise ValueError("the config's optimizer block selects AdamP and an optimizer was passed too: choose one")
     elif isinstance(optimizer, torch.optim.Optimizer):
         _refuse_shape_dependent_client_optimizer(optimizer, config)
+    return scheduler_params, optimizer_params
 
 
 def _declare_zero_partitions(engine, optimizer: ZeroAdamP) -> None:
@@ -486,8 +489,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
     counts = {"steps_per_epoch": steps_per_epoch, "total_epochs": total_epochs, "seed": seed}
     if autowu_params(config, **counts) is not None:  # refuses a disagreement
         config["scheduler"].setdefault("params", {}).update({k: v for k, v in counts.items() if v is not None})
-    refuse_unsupported(config, optimizer, kwargs.get("lr_scheduler"))  # before any rank builds anything
-    if adamp_params(config) is not None and model is None and model_parameters is None:
+    _, optimizer_params = refuse_unsupported(config, optimizer, kwargs.get("lr_scheduler"))  # before any engine
+    if optimizer_params is not None and model is None and model_parameters is None:
         raise ValueError("optimizer AdamP needs the model or model_parameters")
     channels_last = _contiguous_parameters(model)
     engine, engine_optimizer, loader, scheduler = deepspeed.initialize(

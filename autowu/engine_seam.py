@@ -112,11 +112,9 @@ def _before_init(arguments) -> None:
     if not (autowu_ds.selects_autowu(raw) or autowu_ds.selects_adamp(raw)
             or isinstance(arguments.get("lr_scheduler"), AutoWU)):
         return  # not autowu's business
-    autowu_ds.refuse_unsupported(raw, arguments.get("optimizer"), arguments.get("lr_scheduler"))
-    params = autowu_ds.autowu_params(raw)
+    params, adamp = autowu_ds.refuse_unsupported(raw, arguments.get("optimizer"), arguments.get("lr_scheduler"))
     if params is not None:
         arguments["lr_scheduler"] = functools.partial(AutoWU, **params)  # called with the basic optimizer
-    adamp = autowu_ds.adamp_params(raw)
     if adamp is not None:
         parameters = arguments.get("model_parameters")
         if parameters is None:
@@ -134,7 +132,7 @@ def _after_init(engine) -> None:
     from .adamp import ZeroAdamP
     from .scheduler import AutoWU
 
-    if isinstance(getattr(engine, "basic_optimizer", None), ZeroAdamP):
-        autowu_ds._declare_zero_partitions(engine, engine.basic_optimizer)
     if isinstance(getattr(engine, "lr_scheduler", None), AutoWU):
-        autowu_ds.attach(engine)
+        autowu_ds.attach(engine)  # the hook, the fp16 scaler, and AdamP's partitions
+    elif isinstance(getattr(engine, "basic_optimizer", None), ZeroAdamP):
+        autowu_ds._declare_zero_partitions(engine, engine.basic_optimizer)
