@@ -19,11 +19,11 @@ it then
 The layer view's sums are the sums of the channel sums, so the same four numbers a channel serve both views.
 Without a layout (no ZeRO), every tensor is taken as a whole parameter of its own shape: the same code path.
 
-On the CPU the parameters a tensor holds whole take all four steps in one numba visit each, in cache, and the
-rows of the (at most two) parameters cut by its ends take two numba passes around the all-reduce
-(``autowu.adamp_cpu``): no index scatter, no atomics, the same result on any number of threads, 2-3x the cost
-of DeepSpeed's fused Adam on 2 cores (``benchmarks/RESULTS.md``). On a GPU they are torch operations (``index_add_``,
-whose atomics make the sums' rounding vary from run to run).
+On the CPU the parameters a tensor holds whole take all four steps in one numba visit each, in cache, on torch's
+own OpenMP threads and while the all-reduce runs; the rows of the (at most two) parameters cut by its ends take
+two numba passes around it (``autowu.adamp_cpu``): no index scatter, no atomics, the same result on any number
+of threads (its cost against DeepSpeed's fused Adam: ``benchmarks/RESULTS.md``). On a GPU they are torch
+operations (``index_add_``, whose atomics make the sums' rounding vary from run to run).
 Checked against ``timm.optim.AdamP`` in ``tests/test_adamp.py`` (1-3 ranks, boundaries through parameters).
 """
 from __future__ import annotations
@@ -38,8 +38,8 @@ import torch
 import torch.distributed as dist
 from torch.optim.optimizer import Optimizer
 
-from .adamp_cpu import (adam_and_row_sums, adamp_whole_parameters, apply_update, balanced_bins, segments_of,
-                        whole_parameter_units)
+from .adamp_cpu import (adam_and_row_sums, adamp_whole_parameters, apply_update, cut_parameters,
+                        decide_cut_parameters, largest_first, segments_of, whole_parameter_units)
 
 # The four per-channel sums, in this order, in the reduced buffer.
 _GRAD_PARAM, _GRAD_GRAD, _PARAM_PARAM, _PARAM_PERTURB = range(4)
@@ -94,19 +94,15 @@ class _Segments:
         # The CPU path: parameters wholly in this tensor in one pass each; the rows of parameters cut by its ends
         # (``shared``) in two, around the all-reduce that completes their sums.
         self.units, self.shared = whole_parameter_units(layout.shapes, layout.offsets, layout.start, layout.numel)
+        self.unit_order = largest_first(self.units)
+        self.cut = cut_parameters(layout.shapes, layout.offsets, layout.start, layout.numel)
         self.shares = len(self.shared.first) > 0
-        self._bins: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
         self.device = device
         self._element_row: Optional[torch.Tensor] = None
         self.row_param = torch.tensor(row_param, dtype=torch.int64, device=device)
         self.inv_sqrt_row_size = torch.tensor([1 / math.sqrt(n // r) for n, r in zip(param_numels, param_rows)],
                                               device=device)
         self.inv_sqrt_param_numel = torch.tensor([1 / math.sqrt(n) for n in param_numels], device=device)
-
-    def bins(self, num_threads: int) -> Tuple[np.ndarray, np.ndarray]:
-        if num_threads not in self._bins:
-            self._bins[num_threads] = balanced_bins(self.units.rows * self.units.row_size, num_threads)
-        return self._bins[num_threads]
 
     @property
     def element_row(self) -> torch.Tensor:
@@ -142,7 +138,8 @@ class ZeroAdamP(Optimizer):
             p: (FlatLayout.whole(p.shape), None) for group in self.param_groups for p in group["params"]}
         self._segments: Dict[torch.Tensor, _Segments] = {}
         self._scratch: Dict[torch.Tensor, torch.Tensor] = {}  # the CPU path's update direction, reused
-        self.last_projected: Optional[torch.Tensor] = None  # per step: how many parameters were projected
+        self._projected_counts: Tuple[Optional[torch.Tensor], ...] = ()  # the last step's (``last_projected``)
+        self._projected_reduction = None
 
     # ------------------------------------------------------------------ layout
     def set_layout(self, tensor: torch.Tensor, layout: FlatLayout, process_group=None) -> None:
@@ -183,7 +180,7 @@ class ZeroAdamP(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # (p, group, what the first pass returned, segments, slice of the reduced buffer); the first pass returns
-        # the update direction, or on the CPU path each whole parameter's projected flag
+        # the update direction (the torch path) or None (the CPU path, whose whole parameters come later)
         work = []
         process_groups = set()
         size = 0
@@ -201,32 +198,36 @@ class ZeroAdamP(Optimizer):
             return loss
         if len(process_groups) > 1:
             raise RuntimeError("ZeroAdamP: tensors of one step belong to different process groups")
+        process_group = next(iter(process_groups)) if process_groups else None
 
-        # Adam's moments and the partial channel sums of every tensor, into one buffer: one all-reduce a step.
+        # Adam's moments and the partial channel sums of every tensor (on the CPU path: of the rows of cut
+        # parameters only), into one buffer: one all-reduce a step.
         sums = torch.zeros(size, dtype=torch.float32, device=work[0][0].device)
         for item in work:
             p, group, _, segments, where = item
             item[2] = self._adam_and_sums(p, group, segments, sums[where].view(4, -1))
-        if process_groups:
-            dist.all_reduce(sums, group=next(iter(process_groups)))
+        reduction = dist.all_reduce(sums, group=process_group, async_op=True) if process_group else None
+        # The CPU path's whole parameters need nothing from the other ranks: done while the sums travel.
+        projected_here = [self._whole_parameters(p, group, segments) for p, group, _, segments, _ in work
+                          if self._fused(p, segments)]
+        if reduction is not None:
+            reduction.wait()
 
         projected = []
         for p, group, first_pass, segments, where in work:
-            fused = segments.fused and p.is_contiguous()
-            if fused and not process_groups and not segments.shares:
-                projected.append(torch.tensor(int(first_pass.sum())))  # every decision taken in the one pass
+            step_size = group["lr"] / (1 - group["betas"][0] ** self.state[p]["step"])
+            if self._fused(p, segments):
+                if segments.shares:  # the second pass of the cut parameters' rows, with their completed sums
+                    coefficient, decay, count = _cut_row_update(sums[where].view(4, -1), segments, group)
+                    projected_here.append(count)
+                    shared = segments.shared
+                    apply_update(_flat(p), _flat(self._scratch[p]), shared.first, shared.length, shared.row,
+                                 coefficient, decay, step_size)
                 continue
             projection = _project(sums[where].view(4, -1), segments, group) if segments.projects else None
             coefficient, decay = _row_update(projection, segments, group, p.device)
             if projection is not None:
                 projected.append(projection[2])
-            step_size = group["lr"] / (1 - group["betas"][0] ** self.state[p]["step"])
-            if fused:
-                if segments.shares:  # the second pass of the shared rows, with their completed sums
-                    shared = segments.shared
-                    apply_update(_flat(p), _flat(self._scratch[p]), shared.first, shared.length, shared.row,
-                                 coefficient.numpy(), decay.numpy(), step_size)
-                continue
             perturb = first_pass
             if projection is not None:
                 index = segments.element_row
@@ -236,9 +237,33 @@ class ZeroAdamP(Optimizer):
             elif group["weight_decay"] > 0:
                 p.mul_(1.0 - group["lr"] * group["weight_decay"])
             p.add_(perturb, alpha=-step_size)
-        # For tests and logs: how many parameters took the projection this step (a device tensor, no sync).
-        self.last_projected = torch.stack(projected).sum() if projected else None
+        self._count_projected(projected, projected_here, process_group)
         return loss
+
+    @property
+    def last_projected(self) -> Optional[torch.Tensor]:
+        """How many parameters took the projection in the last step, over all ranks (for tests and logs)."""
+        if self._projected_reduction is not None:  # the CPU path's count, all-reduced in the background
+            self._projected_reduction.wait()
+            self._projected_reduction = None
+        counts = [c for c in self._projected_counts if c is not None]
+        return sum(counts[1:], counts[0]) if counts else None
+
+    def _count_projected(self, projected: List[torch.Tensor], projected_here: List[int], process_group) -> None:
+        """The torch path's count is over all ranks already (its sums were all-reduced). The CPU path's (each
+        rank counts the parameters whose first element it holds) is all-reduced without waiting for it: a
+        rank's step does not wait for the slowest rank to finish counting."""
+        over_ranks = torch.stack(projected).sum() if projected else None
+        here = torch.tensor(sum(int(n) for n in projected_here)) if projected_here else None
+        self._projected_reduction = (dist.all_reduce(here, group=process_group, async_op=True)
+                                     if here is not None and process_group is not None else None)
+        self._projected_counts = (over_ranks, here)
+
+    @staticmethod
+    def _fused(p: torch.Tensor, segments: "_Segments") -> bool:
+        """Whether ``p`` takes the CPU path (numba passes over its memory) rather than torch operations."""
+        return (segments.fused and p.dtype == torch.float32 and p.is_contiguous() and p.grad is not None
+                and p.grad.is_contiguous() and p.grad.dtype == torch.float32)
 
     def _adam_and_sums(self, p: torch.Tensor, group: dict, segments: "_Segments",
                        partial: torch.Tensor) -> torch.Tensor:
@@ -250,8 +275,10 @@ class ZeroAdamP(Optimizer):
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
-        if segments.fused and p.is_contiguous():
-            return self._cpu_pass(p, group, segments, partial)
+        if self._fused(p, segments):
+            state["step"] += 1
+            self._cut_rows_first_pass(p, group, segments, partial)
+            return None
         perturb = self._adam(p, group, beta1, beta2)
         if segments.projects:
             index = segments.element_row
@@ -260,36 +287,38 @@ class ZeroAdamP(Optimizer):
                 partial[row].index_add_(0, index, (a * b).reshape(-1).float())
         return perturb
 
-    def _cpu_pass(self, p: torch.Tensor, group: dict, segments: "_Segments", partial: torch.Tensor) -> np.ndarray:
-        """The CPU path's first pass: whole parameters done (Adam, sums, decision, update), the shared rows'
-        Adam and partial sums (their update direction kept for the second pass). Returns each unit's
-        projected flag."""
+    def _cut_rows_first_pass(self, p: torch.Tensor, group: dict, segments: "_Segments",
+                             partial: torch.Tensor) -> None:
+        """The CPU path, rows of parameters cut by the tensor's ends: Adam's moments and the four partial sums
+        (into ``partial``); their update direction is kept for the second pass, after the all-reduce."""
+        if not segments.shares:
+            return
         # As many threads as torch's (the launcher's share of the node's cores): not numba's default, all.
-        threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-        numba.set_num_threads(threads)
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
         beta1, beta2 = group["betas"]
         state = self.state[p]
-        state["step"] += 1
-        param, grad = _flat(p), _flat(p.grad.contiguous())
-        exp_avg, exp_avg_sq = _flat(state["exp_avg"]), _flat(state["exp_avg_sq"])
-        sqrt_bias_correction2 = math.sqrt(1 - beta2 ** state["step"])
+        perturb = self._scratch.get(p)
+        if perturb is None or perturb.shape != p.shape:
+            perturb = self._scratch[p] = torch.empty_like(p)  # once: no allocation a step
+        shared = segments.shared
+        adam_and_row_sums(_flat(p), _flat(p.grad), _flat(state["exp_avg"]), _flat(state["exp_avg_sq"]),
+                          _flat(perturb), shared.first, shared.length, shared.row, partial.numpy(), beta1, beta2,
+                          group["eps"], math.sqrt(1 - beta2 ** state["step"]), bool(group["nesterov"]),
+                          segments.num_rows)
+
+    def _whole_parameters(self, p: torch.Tensor, group: dict, segments: "_Segments") -> int:
+        """The CPU path, parameters wholly in the tensor: each done in one visit (Adam, sums, decision, update),
+        on torch's threads. Returns how many were projected."""
+        beta1, beta2 = group["betas"]
+        state = self.state[p]
         lr_wd = group["lr"] * group["weight_decay"]
-        units, (order, bin_start) = segments.units, segments.bins(threads)
-        projected = np.zeros(len(units.first), dtype=np.int64)
-        if segments.shares:  # before the whole parameters' updates: nothing here reads another row
-            perturb = self._scratch.get(p)
-            if perturb is None or perturb.shape != p.shape:
-                perturb = self._scratch[p] = torch.empty_like(p)  # once: no allocation a step
-            shared = segments.shared
-            adam_and_row_sums(param, grad, exp_avg, exp_avg_sq, _flat(perturb), shared.first, shared.length,
-                              shared.row, partial.numpy(), beta1, beta2, group["eps"], sqrt_bias_correction2,
-                              bool(group["nesterov"]), segments.num_rows)
-        adamp_whole_parameters(param, grad, exp_avg, exp_avg_sq, units.first, units.rows, units.row_size,
-                               units.projects, units.row0, order, bin_start, partial.numpy(), beta1, beta2,
-                               group["eps"], sqrt_bias_correction2, bool(group["nesterov"]), group["delta"],
-                               group["lr"] / (1 - beta1 ** state["step"]), np.float32(1.0 - lr_wd),
-                               np.float32(1.0 - lr_wd * group["wd_ratio"]), projected)
-        return projected
+        projected = np.zeros(len(segments.unit_order), dtype=np.int64)
+        adamp_whole_parameters(_flat(p), _flat(p.grad), _flat(state["exp_avg"]), _flat(state["exp_avg_sq"]),
+                               segments.units, segments.unit_order, projected, beta1, beta2, group["eps"],
+                               math.sqrt(1 - beta2 ** state["step"]), bool(group["nesterov"]), group["delta"],
+                               group["lr"] / (1 - beta1 ** state["step"]), 1.0 - lr_wd,
+                               1.0 - lr_wd * group["wd_ratio"], torch.get_num_threads())
+        return int(projected.sum())
 
     def _adam(self, p: torch.Tensor, group: dict, beta1: float, beta2: float) -> torch.Tensor:
         """Adam's moments as timm updates them; returns the update direction (``perturb``)."""
@@ -324,6 +353,20 @@ def _row_update(projection, segments: _Segments, group: dict, device: torch.devi
     coefficient, uses_wd_ratio, _ = projection
     decay = torch.where(uses_wd_ratio, 1.0 - lr_wd * group["wd_ratio"], 1.0 - lr_wd)
     return coefficient, decay
+
+
+def _cut_row_update(sums: torch.Tensor, segments: _Segments, group: dict):
+    """The CPU path's per-row coefficient and weight-decay factor for the rows of cut parameters (all others: 0
+    and 1 - lr * weight_decay, never read), from their complete sums; and how many of those counted on this rank
+    were projected."""
+    coefficient = np.zeros(segments.num_rows + 1, dtype=np.float32)
+    projected_rows = np.zeros(segments.num_rows + 1, dtype=np.bool_)
+    cut = segments.cut
+    count = decide_cut_parameters(sums.numpy(), cut.row0, cut.rows, cut.row_size, cut.counted_here, group["eps"],
+                                  group["delta"], coefficient, projected_rows)
+    lr_wd = group["lr"] * group["weight_decay"]
+    decay = np.where(projected_rows, 1.0 - lr_wd * group["wd_ratio"], 1.0 - lr_wd).astype(np.float32)
+    return coefficient, decay, count
 
 
 def _project(sums: torch.Tensor, segments: _Segments, group: dict):

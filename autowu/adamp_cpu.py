@@ -5,8 +5,9 @@ parameters that a partition boundary cuts. A whole parameter's AdamP decision ne
 only grad.param, grad.grad and param.param of each channel ("row"), so ``adamp_whole_parameters`` reads param
 and grad once to decide, then gives each row Adam's moments, its update direction and its param.perturb sum
 and updates it while it is in the L1 cache (a layer-view projection, whose coefficient is the whole
-parameter's, visits it once more). Parameters are dealt to threads by size (``balanced_bins``), each done by one
-thread in one fixed order: the result does not depend on the number of threads.
+parameter's, visits it once more). The parameters run on torch's own OpenMP threads, largest first, each done
+by one thread in one fixed order: the result does not depend on the number of threads. A rank's whole
+parameters need nothing from the other ranks, so they run while the cut rows' sums are all-reduced.
 
 The rows of cut parameters (``Segments``: at most one parameter at each end of a ZeRO partition) take two
 passes around the all-reduce that completes their sums over the ranks:
@@ -15,16 +16,22 @@ passes around the all-reduce that completes their sums over the ranks:
    sums of every row (grad.param, grad.grad, param.param, param.perturb), accumulated in float64.
 2. ``apply_update``: ``perturb -= coefficient[row] * param``; ``param *= decay[row]``; ``param -= step * perturb``.
 
-Between them ``autowu.adamp`` decides the projection on the small per-row tensors, as on a GPU. Elements of 1-D
-parameters and padding form runs of their own ("other" rows: Adam and plain weight decay).
+Between them ``decide_cut_parameters`` takes the cut parameters' decisions from their completed sums. Elements
+of 1-D parameters and padding form runs of their own ("other" rows: Adam and plain weight decay).
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+import glob
 import math
+import os
 from typing import NamedTuple, Tuple
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import carray, cfunc, njit, prange, types
+from numba.extending import intrinsic
 
 
 def segments_of(shapes, offsets, start: int, numel: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -161,50 +168,69 @@ def whole_parameter_units(shapes, offsets, start: int, numel: int):
             Segments(first[shared].copy(), length[shared].copy(), row[shared].copy()))
 
 
-def balanced_bins(unit_sizes: np.ndarray, num_threads: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Units dealt to ``num_threads`` bins of nearly equal elements (largest first, each to the emptiest bin):
-    (the units in bin order, each bin's first index into it, plus the end). numba's ``prange`` would hand each
-    thread an equal count of units, and ResNet-50's last stage alone holds most of its elements."""
-    load = np.zeros(num_threads)
-    bins = [[] for _ in range(num_threads)]
-    for u in np.argsort(-unit_sizes, kind="stable"):
-        t = int(np.argmin(load))
-        bins[t].append(u)
-        load[t] += unit_sizes[u]
-    order = np.asarray([u for b in bins for u in sorted(b)], dtype=np.int64)
-    bin_start = np.cumsum([0] + [len(b) for b in bins]).astype(np.int64)
-    return order, bin_start
+class CutParameters(NamedTuple):
+    row0: np.ndarray       # the parameter's first channel among the buffer's
+    rows: np.ndarray
+    row_size: np.ndarray
+    counted_here: np.ndarray   # its first element is in this tensor: counted here among the projected
 
 
-# A whole parameter's step, with as little memory traffic as AdamP allows: its decision (channel view, else layer
-# view) depends only on grad.param, grad.grad and param.param, so a first read of the parameter and its gradient
-# decides it; then each channel ("row") in turn gets Adam's moments, its update direction and its param.perturb
-# sum, and is updated while it is still in the L1 cache. Only a layer-view projection, whose coefficient needs
-# the whole parameter's param.perturb, visits the parameter a third time. A fused Adam reads four arrays and
-# writes three; this reads six and writes three (two more reads: the deciding pass).
-# Each parameter is done by one thread in one fixed order: the result does not depend on the number of threads.
-@njit(parallel=True, cache=True, fastmath={"reassoc", "contract", "nsz"})
-def adamp_whole_parameters(param, grad, exp_avg, exp_avg_sq, unit_first, unit_rows, unit_row_size, unit_projects,
-                           unit_row0, order, bin_start, sums, beta1, beta2, eps, sqrt_bias_correction2, nesterov,
-                           delta, step_size, decay, decay_projected, projected):
-    """``sums`` (4 x rows + 1, the step's reduced buffer) gets each whole parameter's channel sums too, so that
-    the count of projected parameters over the ranks stays one all-reduce; ``projected[u]``: 1 if unit u was."""
-    for t in prange(bin_start.shape[0] - 1):
-        for k in range(bin_start[t], bin_start[t + 1]):
-            u = order[k]
-            projected[u] = _one_parameter(
-                param, grad, exp_avg, exp_avg_sq, unit_first[u], unit_rows[u], unit_row_size[u], unit_projects[u],
-                unit_row0[u], sums, beta1, beta2, eps, sqrt_bias_correction2, nesterov, delta, step_size, decay,
-                decay_projected)
+def cut_parameters(shapes, offsets, start: int, numel: int) -> CutParameters:
+    """The projected (2+ dim) parameters that ``[start, start + numel)`` holds only part of."""
+    table, r, end = [], 0, start + numel
+    for shape, offset in zip(shapes, offsets):
+        if len(shape) < 2:
+            continue
+        size = math.prod(shape)
+        if offset < end and offset + size > start and not (offset >= start and offset + size <= end):
+            table.append((r, shape[0], size // shape[0], offset >= start))
+        r += shape[0]
+    table = np.asarray(table, dtype=np.int64).reshape(-1, 4)
+    return CutParameters(table[:, 0].copy(), table[:, 1].copy(), table[:, 2].copy(), table[:, 3].astype(np.bool_))
+
+
+@njit(cache=True, error_model="numpy")
+def decide_cut_parameters(sums, row0, rows, row_size, counted_here, eps, delta, coefficient, projected_rows):
+    """The cut parameters' AdamP decisions from their complete sums (all-reduced over the ranks): per row the
+    coefficient of ``perturb -= c * param`` and whether weight decay takes ``wd_ratio`` (``projected_rows``).
+    Returns how many of those counted here were projected."""
+    count = 0
+    for k in range(row0.shape[0]):
+        a, n_rows = row0[k], rows[k]
+        block = sums[:, a:a + n_rows]
+        view = _decide(block, n_rows, row_size[k], eps, delta)
+        if view == _CHANNEL_VIEW:
+            for r in range(n_rows):
+                coefficient[a + r] = block[3, r] / (np.sqrt(block[2, r]) + eps) ** 2
+        elif view == _LAYER_VIEW:
+            param_param = param_perturb = 0.0
+            for r in range(n_rows):
+                param_param += block[2, r]
+                param_perturb += block[3, r]
+            for r in range(n_rows):
+                coefficient[a + r] = param_perturb / (np.sqrt(param_param) + eps) ** 2
+        for r in range(n_rows):
+            projected_rows[a + r] = view != _NO_PROJECTION
+        if view != _NO_PROJECTION and counted_here[k]:
+            count += 1
+    return count
+
+
+def largest_first(units: Units) -> np.ndarray:
+    """The units in the order threads take them: largest first (ResNet-50's last stage alone holds most of its
+    elements), so that the small ones fill the gaps at the end."""
+    return np.argsort(-(units.rows * units.row_size), kind="stable").astype(np.int64)
 
 
 _NO_PROJECTION, _CHANNEL_VIEW, _LAYER_VIEW = 0, 1, 2
 
 
 @njit(inline="always", fastmath={"reassoc", "contract", "nsz"})
-def _one_parameter(param, grad, exp_avg, exp_avg_sq, a0, rows, n, projects, row0, reduced, beta1, beta2, eps,
+def _one_parameter(param, grad, exp_avg, exp_avg_sq, a0, rows, n, projects, sums, q_row, beta1, beta2, eps,
                    sqrt_bias_correction2, nesterov, delta, step_size, decay, decay_projected):
-    sums = np.zeros((4, rows))
+    """``sums`` (4 x at least ``rows``, float64) and ``q_row`` (at least ``n``, float32): the calling thread's
+    scratch. Nothing is allocated here: in a thread of torch's team, malloc's per-thread arena gave memory back
+    to the system and faulted it in again at every parameter (36 ms a ResNet-50 step instead of 16)."""
     view = _NO_PROJECTION
     if projects:
         for r in range(rows):
@@ -220,7 +246,6 @@ def _one_parameter(param, grad, exp_avg, exp_avg_sq, a0, rows, n, projects, row0
         view = _decide(sums, rows, n, eps, delta)
     d = np.float32(decay_projected if view != _NO_PROJECTION else decay)
     layer_param_perturb = 0.0
-    q_row = np.empty(n if view == _CHANNEL_VIEW else 0, dtype=np.float32)
     for r in range(rows):
         sums[3, r] = _adam_row(param, grad, exp_avg, exp_avg_sq, a0 + r * n, n, view, sums[2, r], q_row, beta1,
                                beta2, eps, sqrt_bias_correction2, nesterov, step_size, d)
@@ -232,10 +257,6 @@ def _one_parameter(param, grad, exp_avg, exp_avg_sq, a0, rows, n, projects, row0
         coefficient = np.float32(layer_param_perturb / (np.sqrt(param_param) + eps) ** 2)
         _apply_rows(param, grad, exp_avg, exp_avg_sq, a0, rows * n, coefficient, beta1, eps,
                     sqrt_bias_correction2, nesterov, step_size, d)
-    if projects:
-        for r in range(rows):
-            for j in range(4):
-                reduced[j, row0 + r] = sums[j, r]
     return 1 if view != _NO_PROJECTION else 0
 
 
@@ -248,11 +269,12 @@ def _decide(sums, rows, n, eps, delta):
         max_cosine = max(max_cosine, cosine)
     if max_cosine < delta / np.sqrt(n):
         return _CHANNEL_VIEW
-    layer = np.zeros(3)
+    grad_param = grad_grad = param_param = 0.0
     for r in range(rows):
-        for j in range(3):
-            layer[j] += sums[j, r]
-    cosine = abs(layer[0]) / (max(np.sqrt(layer[1]), eps) * max(np.sqrt(layer[2]), eps))
+        grad_param += sums[0, r]
+        grad_grad += sums[1, r]
+        param_param += sums[2, r]
+    cosine = abs(grad_param) / (max(np.sqrt(grad_grad), eps) * max(np.sqrt(param_param), eps))
     return _LAYER_VIEW if cosine < delta / np.sqrt(n * rows) else _NO_PROJECTION
 
 
@@ -312,3 +334,158 @@ def _apply_rows(param, grad, exp_avg, exp_avg_sq, a, n, c, beta1, eps, sqrt_bias
         p = ps[i]
         q = (nb1 * ms[i] + ng * gs[i]) / (np.sqrt(vs[i]) / bc2 + e)
         ps[i] = p * d - lr * (q - c * p)
+
+
+# A whole parameter's step, with as little memory traffic as AdamP allows: its decision (channel view, else layer
+# view) depends only on grad.param, grad.grad and param.param, so a first read of the parameter and its gradient
+# decides it; then each channel ("row") in turn gets Adam's moments, its update direction and its param.perturb
+# sum, and is updated while it is still in the L1 cache. Only a layer-view projection, whose coefficient needs
+# the whole parameter's param.perturb, visits the parameter a third time. A fused Adam reads four arrays and
+# writes three; this reads six and writes three (two more reads: the deciding pass).
+#
+# The parameters run on torch's own threads. numba's thread pool (TBB, or OpenMP from another copy of the
+# runtime than torch's) would share the cores with torch's OpenMP workers, which spin for milliseconds after
+# every torch operation: the same work took 17-20 ms inside a DeepSpeed step against 9 ms alone. So the worker
+# is a C callback (numba ``cfunc``) that ``GOMP_parallel`` of the OpenMP runtime torch loaded runs on every
+# thread of torch's team, as DeepSpeed's fused CPU Adam runs; the threads take parameters one at a time from an
+# atomic counter. Each parameter is done by one thread in one fixed order: the result does not depend on the
+# number of threads. ``error_model="numpy"``: with Python's, every division checks for zero and the loops do not
+# vectorise (4x slower).
+_FASTMATH = {"reassoc", "contract", "nsz"}
+_BLOCK = 20   # the worker's argument block: addresses and sizes, in the order ``adamp_whole_parameters`` packs
+
+
+@intrinsic
+def _pointer(typingctx, address, dtype):
+    pointer = types.CPointer(dtype.instance_type)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(pointer))
+    return pointer(types.int64, dtype), codegen
+
+
+@intrinsic
+def _address(typingctx, pointer):
+    def codegen(context, builder, signature, args):
+        return builder.ptrtoint(args[0], ir.IntType(64))
+    return types.int64(types.voidptr), codegen
+
+
+@intrinsic
+def _take_next(typingctx, address):
+    """Atomically: ``counter += 1``, returning the value before (each thread's next unit)."""
+    def codegen(context, builder, signature, args):
+        counter = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+        return builder.atomic_rmw("add", counter, ir.Constant(ir.IntType(64), 1), "monotonic")
+    return types.int64(types.int64), codegen
+
+
+def _whole_parameters_worker(data):
+    """The C callback each thread runs (compiled by ``_worker_address`` on first use, not at import)."""
+    block = carray(_pointer(_address(data), np.int64), _BLOCK)
+    n, units = block[1], block[6]
+    param = carray(_pointer(block[2], np.float32), n)
+    grad = carray(_pointer(block[3], np.float32), n)
+    exp_avg = carray(_pointer(block[4], np.float32), n)
+    exp_avg_sq = carray(_pointer(block[5], np.float32), n)
+    first = carray(_pointer(block[7], np.int64), units)
+    rows = carray(_pointer(block[8], np.int64), units)
+    row_size = carray(_pointer(block[9], np.int64), units)
+    projects = carray(_pointer(block[10], np.uint8), units)
+    order = carray(_pointer(block[11], np.int64), units)
+    projected = carray(_pointer(block[12], np.int64), units)
+    s = carray(_pointer(block[13], np.float64), 9)
+    threads, max_rows, max_row_size = block[15], block[16], block[17]
+    slot = _take_next(block[14])  # this thread's scratch
+    if slot >= threads:
+        return
+    sums = carray(_pointer(block[18], np.float64), (threads, 4, max_rows))[slot]
+    q_row = carray(_pointer(block[19], np.float32), (threads, max_row_size))[slot]
+    while True:
+        k = _take_next(block[0])
+        if k >= units:
+            break
+        u = order[k]
+        projected[u] = _one_parameter(param, grad, exp_avg, exp_avg_sq, first[u], rows[u], row_size[u],
+                                      projects[u] != 0, sums, q_row, s[0], s[1], s[2], s[3], s[4] != 0.0, s[5],
+                                      s[6], np.float32(s[7]), np.float32(s[8]))
+
+
+def adamp_whole_parameters(param, grad, exp_avg, exp_avg_sq, units: Units, order, projected, beta1, beta2, eps,
+                           sqrt_bias_correction2, nesterov, delta, step_size, decay, decay_projected, threads):
+    """Every whole parameter's step (``units``, taken in ``order``) on ``threads`` of torch's threads;
+    ``projected[u]``: 1 if unit u was projected. The arrays: contiguous, float32 (param, grad, moments)."""
+    for name, array in (("param", param), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if array.dtype != np.float32 or not array.flags.c_contiguous or array.shape != param.shape:
+            raise ValueError(f"adamp_whole_parameters: {name} must be contiguous float32 like param")
+    tables = [np.ascontiguousarray(a, dtype=np.int64) for a in (units.first, units.rows, units.row_size)]
+    projects = np.ascontiguousarray(units.projects, dtype=np.uint8)
+    order = np.ascontiguousarray(order, dtype=np.int64)
+    scalars = np.array([beta1, beta2, eps, sqrt_bias_correction2, float(nesterov), delta, step_size, decay,
+                        decay_projected], dtype=np.float64)
+    counters = np.zeros(2, dtype=np.int64)   # the next unit to take; the next scratch slot
+    threads = max(1, threads)
+    max_rows, max_row_size = int(max(units.rows.max(initial=1), 1)), int(max(units.row_size.max(initial=1), 1))
+    sums = np.empty((threads, 4, max_rows), dtype=np.float64)
+    q_row = np.empty((threads, max_row_size), dtype=np.float32)
+    block = np.array([counters.ctypes.data, param.size, param.ctypes.data, grad.ctypes.data, exp_avg.ctypes.data,
+                      exp_avg_sq.ctypes.data, len(order)] + [t.ctypes.data for t in tables] +
+                     [projects.ctypes.data, order.ctypes.data, projected.ctypes.data, scalars.ctypes.data,
+                      counters.ctypes.data + 8, threads, max_rows, max_row_size, sums.ctypes.data, q_row.ctypes.data],
+                     dtype=np.int64)
+    assert block.size == _BLOCK and projected.dtype == np.int64 and projected.size == len(order)
+    run_on_torch_threads(_worker_address(), block.ctypes.data, threads)
+
+
+_COMPILED = {}   # the worker's compiled code lives as long as this module
+
+
+def _worker_address() -> int:
+    if "worker" not in _COMPILED:
+        _COMPILED["worker"] = cfunc(types.void(types.voidptr), cache=True, error_model="numpy",
+                                    fastmath=_FASTMATH)(_whole_parameters_worker)
+    return _COMPILED["worker"].address
+
+
+def run_on_torch_threads(worker_address: int, data_address: int, threads: int) -> None:
+    """Call the C function ``worker(data)`` once on each of ``threads`` threads of torch's OpenMP team and
+    return when all are done. Where torch's runtime cannot be found (a build without OpenMP), Python threads
+    call it instead (ctypes releases the GIL)."""
+    parallel = _openmp_parallel()
+    if threads <= 1:
+        _as_ctypes(worker_address)(data_address)
+    elif parallel is not None:
+        parallel(worker_address, data_address, threads, 0)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(threads - 1) as pool:
+            helpers = [pool.submit(_as_ctypes(worker_address), data_address) for _ in range(threads - 1)]
+            _as_ctypes(worker_address)(data_address)
+            for helper in helpers:
+                helper.result()
+
+
+@functools.lru_cache(maxsize=None)
+def _as_ctypes(address: int):
+    return ctypes.CFUNCTYPE(None, ctypes.c_void_p)(address)
+
+
+@functools.lru_cache(maxsize=1)
+def _openmp_parallel():
+    """``GOMP_parallel`` of the OpenMP runtime torch's own operations run on (torch's bundled libgomp in pip
+    wheels; Intel's runtime exports it too), or None."""
+    import torch
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    candidates = sorted(glob.glob(os.path.join(torch_lib, "libgomp*.so*")) +
+                        glob.glob(os.path.join(torch_lib, "libiomp*.so*")))
+    for library in [*candidates, None]:  # None: the global scope, where torch loaded its runtime
+        try:
+            function = ctypes.CDLL(library).GOMP_parallel
+        except (OSError, AttributeError):
+            continue
+        function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+        function.restype = None
+        return function
+    return None

@@ -134,8 +134,10 @@ def test_cpu_segments_are_the_rows_of_a_partition_cut_through_parameters():
 def test_cpu_units_are_whole_parameters_and_the_shared_rows_the_cut_ones():
     """The one-pass CPU path takes the parameters wholly inside a tensor; the rows of parameters its ends cut
     go to the two-pass path (their sums need the other ranks'). Together: every element once."""
-    from autowu.adamp_cpu import balanced_bins, whole_parameter_units
+    from autowu.adamp_cpu import cut_parameters, largest_first, whole_parameter_units
     shapes, offsets = ((4, 3), (5,), (2, 2, 2), (3, 4)), (0, 12, 20, 28)
+    # by start: (first row, rows, counted on this rank: it holds the first element) of each cut parameter
+    expected_cut = {0: ([], [], []), 5: ([0, 4], [4, 2], [False, True]), 13: ([4], [2], [True]), 20: ([], [], [])}
     for start, numel, whole, cut_rows in (((0, 44, [0, 2, 3], [])), (5, 20, [], [1, 2, 3, 4, 5]),
                                           (13, 9, [], [4]), (20, 24, [2, 3], [])):
         units, shared = whole_parameter_units(shapes, offsets, start, numel)
@@ -149,16 +151,19 @@ def test_cpu_units_are_whole_parameters_and_the_shared_rows_the_cut_ones():
                        if len(shape) > 1 and offset - start in units.first.tolist()]
         assert whole_found == whole and sorted(set(shared.row.tolist())) == cut_rows
         assert not units.projects[units.row0 == 9].any() and units.projects[units.row0 < 9].all()
-    sizes = torch.tensor([100, 1, 1, 1, 60, 40, 3]).numpy()
-    order, bin_start = balanced_bins(sizes, 2)
-    loads = [int(sizes[order[bin_start[t]:bin_start[t + 1]]].sum()) for t in range(2)]
-    assert sorted(order.tolist()) == list(range(7)) and loads == [103, 103]
+        sizes = units.rows * units.row_size
+        assert sorted(sizes[largest_first(units)].tolist(), reverse=True) == sizes[largest_first(units)].tolist()
+        cut = cut_parameters(shapes, offsets, start, numel)  # their decisions wait for the other ranks' sums
+        assert (cut.row0.tolist(), cut.rows.tolist(), cut.counted_here.tolist()) == expected_cut[start]
 
 
 def test_the_fused_cpu_step_equals_the_device_path_and_any_thread_count():
     """ZeRO-1's layout on one rank (a flat buffer of every parameter with padding between them): the fused numba
-    passes against the torch path a GPU runs (index_add_), and on 1 thread against 2: bit for bit."""
+    passes against the torch path a GPU runs (index_add_), and on 1 thread against 2 (torch's OpenMP team, or
+    Python threads where torch has none): bit for bit."""
     import numba
+
+    from autowu import adamp_cpu
 
     def run(fused, threads):
         model = conv_bn_linear()
@@ -183,8 +188,15 @@ def test_the_fused_cpu_step_equals_the_device_path_and_any_thread_count():
     threads = torch.get_num_threads()
     try:
         fused_two, fused_one, device_path = run(True, 2), run(True, 1), run(False, 2)
+        assert adamp_cpu._openmp_parallel() is not None  # pip's torch: the parameters run on its OpenMP team
+        original = adamp_cpu._openmp_parallel
+        adamp_cpu._openmp_parallel = lambda: None  # a torch without OpenMP: Python threads run them
+        try:
+            fused_python_threads = run(True, 2)
+        finally:
+            adamp_cpu._openmp_parallel = original
     finally:
         torch.set_num_threads(threads)
     assert numba.config.NUMBA_NUM_THREADS >= 1
-    assert torch.equal(fused_one, fused_two)
+    assert torch.equal(fused_one, fused_two) and torch.equal(fused_one, fused_python_threads)
     assert ((fused_two - device_path).abs().max() / device_path.abs().max()).item() < 1e-6
