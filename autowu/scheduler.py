@@ -45,9 +45,11 @@ MODES = ("default", "paper")
 # What each mode sets unless the caller sets it: "paper" is the paper's code exactly.
 MODE_DEFAULTS = {
     "paper": {"max_warmup_fraction": 0.5, "patience": 3, "spike_threshold": None, "hold": False,
-              "peak_fraction": 1.0, "max_lr_growth_per_test": None, "resume_from_argmin": False},
+              "peak_fraction": 1.0, "max_lr_growth_per_test": None, "resume_from_argmin": False,
+              "min_epochs_before_test": 0.0},
     "default": {"max_warmup_fraction": 0.2, "patience": 2, "spike_threshold": 6.0, "hold": True,
-                "peak_fraction": 1.0, "max_lr_growth_per_test": 1.8, "resume_from_argmin": True},
+                "peak_fraction": 1.0, "max_lr_growth_per_test": 1.8, "resume_from_argmin": True,
+                "min_epochs_before_test": 0.0},
 }
 _FROM_MODE = object()  # "not given": the mode's value
 
@@ -116,6 +118,8 @@ class AutoWU:
             between two tests (never less than once an epoch); ``None``, the paper: once an epoch.
         resume_from_argmin: when a hold ends in a failing test, ramp again from the LR at the minimum that the
             hold's first test predicted, not from the held LR (which was already past it).
+        min_epochs_before_test: no GP test before this many epochs of losses (the paper's first test comes after
+            one epoch; more frequent tests would otherwise start with a handful of noisy losses).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int, total_epochs: int,
@@ -125,11 +129,11 @@ class AutoWU:
                  spike_threshold: Optional[float] = _FROM_MODE, gp_settings: Optional[GPTestSettings] = None,
                  gp_backend: str = "fast", seed: int = 0, mode: str = "default", hold: bool = _FROM_MODE,
                  peak_fraction: float = _FROM_MODE, max_lr_growth_per_test: Optional[float] = _FROM_MODE,
-                 resume_from_argmin: bool = _FROM_MODE):
+                 resume_from_argmin: bool = _FROM_MODE, min_epochs_before_test: float = _FROM_MODE):
         self.mode = _choice("mode", mode, MODES)
         given = dict(max_warmup_fraction=max_warmup_fraction, patience=patience, spike_threshold=spike_threshold,
                      hold=hold, peak_fraction=peak_fraction, max_lr_growth_per_test=max_lr_growth_per_test,
-                     resume_from_argmin=resume_from_argmin)
+                     resume_from_argmin=resume_from_argmin, min_epochs_before_test=min_epochs_before_test)
         options = {k: MODE_DEFAULTS[self.mode][k] if v is _FROM_MODE else v for k, v in given.items()}
         max_warmup_fraction = options["max_warmup_fraction"]
         if int(steps_per_epoch) != steps_per_epoch or steps_per_epoch < 1:
@@ -145,6 +149,10 @@ class AutoWU:
         growth = options["max_lr_growth_per_test"]
         if growth is not None and not growth > 1:
             raise ValueError(f"AutoWU: max_lr_growth_per_test must be > 1 or None, got {growth!r}")
+        min_epochs_before_test = options["min_epochs_before_test"]
+        if isinstance(min_epochs_before_test, bool) or not 0 <= min_epochs_before_test <= total_epochs:
+            raise ValueError(f"AutoWU: min_epochs_before_test must be in [0, total_epochs], got "
+                             f"{min_epochs_before_test!r}")
         if gp_settings is not None and not isinstance(gp_settings, GPTestSettings):
             raise TypeError(f"AutoWU: gp_settings must be an autowu.GPTestSettings, got {type(gp_settings).__name__}"
                             " (from a JSON config, autowu.deepspeed builds it from an object of its fields)")
@@ -179,6 +187,8 @@ class AutoWU:
         if self.max_lr_growth_per_test is not None and self.warmup_type == "exp":
             per_growth = self.schedule.steps_per_growth(self.max_lr_growth_per_test)
             self.test_every = max(1, min(self.steps_per_epoch, int(per_growth)))
+        self.min_epochs_before_test = float(min_epochs_before_test)
+        self.first_test_step = math.ceil(self.min_epochs_before_test * self.steps_per_epoch)
 
         settings = gp_settings or GPTestSettings()
         if self.gp_backend == "fast":
@@ -278,12 +288,16 @@ class AutoWU:
                                  "`import autowu.deepspeed`, or call autowu.deepspeed.attach(engine))")
             self._record(loss)
         self.last_step += 1
-        if self.phase == "warmup":
-            if self.last_step >= self.schedule.warmup_end_cap:
-                self._test(at_cap=True)
-            elif self.last_step % self.test_every == 0:
-                self._test(at_cap=False)
+        if self.tests_at(self.last_step):
+            self._test(at_cap=self.last_step >= self.schedule.warmup_end_cap)
         self._set_lrs()
+
+    def tests_at(self, step: int) -> bool:
+        """Whether the ``step()`` that completes optimizer step ``step`` runs a GP test (and its one host sync):
+        every ``test_every`` steps of the warmup from ``first_test_step`` on, and at the warmup cap."""
+        if self.phase != "warmup":
+            return False
+        return step >= self.schedule.warmup_end_cap or (step % self.test_every == 0 and step >= self.first_test_step)
 
     # ---------------------------------------------------------------- warmup internals
     def _record(self, loss) -> None:
@@ -402,7 +416,7 @@ class AutoWU:
                 "cooldown_fraction": self.cooldown_fraction, "patience": self.patience,
                 "mode": self.mode, "hold": self.rule.hold, "peak_fraction": self.rule.peak_fraction,
                 "spike_threshold": self.spike_threshold, "test_every": self.test_every,
-                "resume_from_argmin": self.resume_from_argmin}
+                "resume_from_argmin": self.resume_from_argmin, "first_test_step": self.first_test_step}
 
     def load_state_dict(self, state: Dict) -> None:
         mine = self.state_dict_settings()

@@ -54,9 +54,7 @@ def autowu_without_syncs(device):
         perm = torch.randperm(len(x_train), generator=order, device=device)
         for i in range(steps_per_epoch):
             idx = perm[i * batch:(i + 1) * batch]
-            next_step = scheduler.last_step + 1
-            runs_a_test = scheduler.phase == "warmup" and (next_step % scheduler.test_every == 0
-                                                           or next_step >= scheduler.max_warmup_steps)
+            runs_a_test = scheduler.tests_at(scheduler.last_step + 1)
             if not runs_a_test and device.type == "cuda":
                 torch.cuda.set_sync_debug_mode("error")
             loss = torch.nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])

@@ -115,9 +115,7 @@ def test_fp16_zero1_engine_with_autowu_syncs_only_in_gp_tests(tmp_path):
     criterion = torch.nn.CrossEntropyLoss()
     outside_tests, in_tests, checked = [], 0, 0
     for step in range(steps_per_epoch * epochs):
-        next_step = scheduler.last_step + 1
-        runs_a_test = scheduler.phase == "warmup" and (next_step % scheduler.test_every == 0
-                                                       or next_step >= scheduler.max_warmup_steps)
+        runs_a_test = scheduler.tests_at(scheduler.last_step + 1)
         x = images[step % 8].contiguous(memory_format=torch.channels_last)
         with SyncRecorder() as recorder:
             loss = criterion(engine(x).float(), labels[step % 8])

@@ -127,6 +127,30 @@ def test_a_recorded_real_curve_where_the_old_filter_delayed_the_switch():
         assert test["passed"] and test["spikes_ignored"] <= 5
 
 
+def test_no_test_before_an_epoch_of_losses_when_asked():
+    """tests/fixtures/digits_cnn_adamp_seed4_first_steps.json: the first 9 losses of a real run whose tests came
+    every 3 steps (max_lr_growth_per_test 1.4): the GP saw 6 and then 9 noisy losses at LR 1.2e-5 to 1.7e-5,
+    passed twice, and the run switched at 1.4e-5 (64.4% top-1, against 98.6-99.7% for its other seeds).
+    ``min_epochs_before_test=1`` waits for an epoch of losses, as the paper's first test does."""
+    fixture = json.loads((REPO / "tests" / "fixtures" / "digits_cnn_adamp_seed4_first_steps.json").read_text())
+    runs = {}
+    for min_epochs in (0, 1):
+        sched = make(steps_per_epoch=fixture["steps_per_epoch"], total_epochs=fixture["total_epochs"],
+                     immediate_cooldown=True, max_lr_growth_per_test=fixture["max_lr_growth_per_test"],
+                     min_epochs_before_test=min_epochs)
+        for loss in fixture["losses"]:
+            sched.step(float(loss))
+        runs[min_epochs] = sched
+    early = runs[0]
+    assert early.test_every == 3 and [t["passed"] for t in early.history] == [False, True, True]
+    assert early.switch_step == 9 and early.peak_lr < 2e-5   # the failure, as recorded
+    waiting = runs[1]
+    assert waiting.first_test_step == 22 and waiting.history == [] and waiting.phase == "warmup"
+    assert [waiting.tests_at(s) for s in (21, 22, 24, 25)] == [False, False, True, False]
+    with pytest.raises(ValueError, match="min_epochs_before_test"):
+        make(min_epochs_before_test=-1)
+
+
 def test_no_minimum_runs_to_the_cap_and_takes_the_gp_argmin():
     curve = LossCurve(blowup=0.0, learn_at=-1.5)  # still falling at max_lr
     sched = make(immediate_cooldown=True)
