@@ -121,6 +121,29 @@ def test_gpu_style_lighting_bias_computes_the_cpu_paths_augmentation(digits):
         assert shift.std(dim=2).max() < 1e-4 and shift.mean(dim=2).abs().max() > 1e-3
 
 
+def test_the_tail_fused_into_the_decoder_is_the_operation_bit_for_bit(digits):
+    """The CPU loader runs flip, lighting and normalisation inside the decoder's loop; the same operation on its
+    own after the decoder gives the same bits."""
+    from ffcv.fields.decoders import IntDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor, ToTorchImage
+
+    from autowu.data.decoders import SeededRandomResizedCropDecoder
+    _, out, _ = digits
+    batches = {}
+    for fused in (True, False):
+        cell = EpochCell(2)
+        tail = FlipLightingNormalize(IMAGENET_MEAN, IMAGENET_STD, flip_prob=0.5, alphastd=0.1, seed=3,
+                                     epoch_cell=cell)
+        decoder = SeededRandomResizedCropDecoder((24, 24), seed=3, epoch_cell=cell, tail=tail if fused else None)
+        image = [decoder] + ([] if fused else [tail]) + [ToTensor(), ToTorchImage()]
+        loader = Loader(os.path.join(out, "train.beton"), batch_size=64, num_workers=2,
+                        order=OrderOption.SEQUENTIAL, pipelines={"image": image, "label": [IntDecoder(), ToTensor()]})
+        batches[fused] = [images.clone() for images, _ in loader]
+    assert len(batches[True]) == len(batches[False]) > 1 and batches[True][0].dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(batches[True], batches[False]))
+
+
 def _compiled(op, enabled):
     from ffcv.pipeline.compiler import Compiler
     Compiler.set_enabled(enabled)

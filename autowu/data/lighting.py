@@ -5,8 +5,9 @@ pixel, unrounded and unclipped as in the paper's code. The paper adds it to [0, 
 ones (x255), before normalisation. All draws come from (seed, epoch, sample index) (``sample_rng``), so the CPU
 and GPU paths, and a resumed run, compute the same augmentation:
 
-- CPU: ``FlipLightingNormalize``, one fused pass uint8 -> float32: flip, then ``x * inv_std + bias`` with the
-  lighting offset folded into each image's bias.
+- CPU: ``FlipLightingNormalize``, uint8 -> float32: flip, then ``x * inv_std + bias`` with the lighting offset
+  folded into each image's bias; the training loader runs it inside the decoder's loop, on each image right
+  after its resize (``SeededRandomResizedCropDecoder(tail=...)``, the same functions).
 - GPU: ``SeededHorizontalFlip`` on uint8, FFCV's normalisation on the device, and the lighting added there as
   a per-image bias in normalised units (``LightingBias``, a 3-number output drawn on the host from the label
   field's pipeline and shipped with the batch; ``TrainLoader`` adds it). No extra pass over uint8 pixels on the
@@ -78,6 +79,28 @@ def flip_lighting_normalize_reference(images: np.ndarray, flips: np.ndarray, alp
     return ((out - mean) / std).astype(np.float32)
 
 
+@numba.njit(cache=False)
+def image_bias(seed, epoch, sample, flip_prob, alphastd, eigval, scaled_eigvec_t, mean, inv_std):
+    """One sample's flip and its normalisation bias with the lighting folded in:
+    (x + offset - mean) / std = x * inv_std + bias."""
+    flip = uniform(seed, epoch, sample, FLIP_DRAW) < flip_prob
+    alphas = draw_alphas(seed, epoch, sample, alphastd)
+    return flip, (((alphas * eigval) @ scaled_eigvec_t - mean) * inv_std).astype(np.float32)
+
+
+@numba.njit(cache=False)
+def flip_lighting_normalize_image(image, dst, flip, inv_std, bias):
+    """uint8 HWC -> float32 HWC: flipped if ``flip``, then ``x * inv_std + bias`` per channel."""
+    height, width = image.shape[0], image.shape[1]
+    b0, b1, b2 = bias[0], bias[1], bias[2]
+    for y in range(height):
+        for x in range(width):
+            sx = width - 1 - x if flip else x
+            dst[y, x, 0] = image[y, sx, 0] * inv_std[0] + b0
+            dst[y, x, 1] = image[y, sx, 1] * inv_std[1] + b1
+            dst[y, x, 2] = image[y, sx, 2] * inv_std[2] + b2
+
+
 class _Seeded(Operation):
     """An operation whose draws come from (seed, the loader's epoch, sample index)."""
 
@@ -106,31 +129,22 @@ class FlipLightingNormalize(_Seeded):
         self.eigval = np.asarray(eigval, dtype=np.float64)
         self.eigvec = np.asarray(eigvec, dtype=np.float64)
 
+    def constants(self) -> Tuple:
+        """What ``image_bias`` needs besides the sample: for this op and for a decoder that runs it fused."""
+        return (self.flip_prob, self.alphastd, self.eigval.copy(), 255.0 * self.eigvec.T.copy(), self.mean.copy(),
+                (1.0 / self.std).astype(np.float32))
+
     def generate_code(self) -> Callable:
         parallel_range = Compiler.get_iterator()
-        alphastd, flip_prob = self.alphastd, self.flip_prob
-        scaled_eigvec_t = 255.0 * self.eigvec.T.copy()
-        eigval = self.eigval.copy()
-        inv_std = (1.0 / self.std).astype(np.float32)
-        mean = self.mean.copy()
+        flip_prob, alphastd, eigval, scaled_eigvec_t, mean, inv_std = self.constants()
         seed, cell = self.seed, self.epoch_cell.address
 
         def flip_lighting_normalize(images, dst, indices):
             epoch = read_cell(cell)
-            height, width = images.shape[1], images.shape[2]
             for i in parallel_range(images.shape[0]):
-                sample = indices[i]
-                flip = uniform(seed, epoch, sample, FLIP_DRAW) < flip_prob
-                alphas = draw_alphas(seed, epoch, sample, alphastd)
-                # (x + offset - mean) / std = x * inv_std + bias, with the lighting offset folded into the bias
-                bias = (((alphas * eigval) @ scaled_eigvec_t - mean) * inv_std).astype(np.float32)
-                b0, b1, b2 = bias[0], bias[1], bias[2]
-                for y in range(height):
-                    for x in range(width):
-                        sx = width - 1 - x if flip else x
-                        dst[i, y, x, 0] = images[i, y, sx, 0] * inv_std[0] + b0
-                        dst[i, y, x, 1] = images[i, y, sx, 1] * inv_std[1] + b1
-                        dst[i, y, x, 2] = images[i, y, sx, 2] * inv_std[2] + b2
+                flip, bias = image_bias(seed, epoch, indices[i], flip_prob, alphastd, eigval, scaled_eigvec_t, mean,
+                                        inv_std)
+                flip_lighting_normalize_image(images[i], dst[i], flip, inv_std, bias)
             return dst
 
         flip_lighting_normalize.is_parallel = True

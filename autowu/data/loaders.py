@@ -122,13 +122,49 @@ def _image_tail(device: torch.device, dtype) -> List:
             ToTensor(), ToTorchImage()]
 
 
-class _TrainLoader:
+class _ReusedBuffers:
+    """Mixed into FFCV's ``Loader``: the pipeline's buffers are allocated once, not at every epoch.
+
+    FFCV 1.0.2's ``EpochIterator`` allocates every batch slot's buffers anew each epoch (a slot's JPEG scratch
+    alone is the batch times the largest image), and their pages are then faulted in again all through the
+    epoch: the CPU loader ran at 69-70% of the decode limit, 88-92% with the buffers kept
+    (benchmarks/RESULTS.md). Kept buffers must not be written by two epochs at once, so an epoch left
+    unfinished is closed (its thread joined) before the next starts, and on a GPU the device is synchronised
+    first (the last batches may still be read by queued kernels; FFCV's per-slot events do not outlive an epoch).
+    """
+
+    def __init__(self, *args, **kwargs):
+        self._epoch_iterator = None
+        super().__init__(*args, **kwargs)
+        allocate, kept = self.graph.allocate_memory, {}
+
+        def allocate_once(batch_size, slots):
+            if (batch_size, slots) not in kept:
+                kept[(batch_size, slots)] = allocate(batch_size, slots)
+            return kept[(batch_size, slots)]
+        self.graph.allocate_memory = allocate_once
+
+    def _before_epoch(self) -> None:
+        previous = self._epoch_iterator
+        if previous is not None and previous.is_alive():
+            # An epoch left unfinished: its thread still decodes ahead, into the buffers the next one will use.
+            previous.close()
+            previous.join()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    def __iter__(self):
+        self._before_epoch()
+        self._epoch_iterator = super().__iter__()
+        return self._epoch_iterator
+
+
+class _TrainLoader(_ReusedBuffers):
     """Mixed into FFCV's ``Loader`` (built lazily, ffcv is optional): sets the augmentations' epoch before each
     epoch and, when the lighting travels as a per-image bias, adds it to the normalised batch."""
 
     def __init__(self, *args, epoch_cell: EpochCell, adds_lighting_bias: bool, **kwargs):
         self.epoch_cell, self.adds_lighting_bias = epoch_cell, adds_lighting_bias
-        self._epoch_iterator = None
         self._skip_batches = 0
         super().__init__(*args, **kwargs)
 
@@ -143,20 +179,15 @@ class _TrainLoader:
         skip, self._skip_batches = self._skip_batches, 0
         return order[skip * self.batch_size:]
 
-    def _start_epoch(self):
-        previous = self._epoch_iterator
-        if previous is not None and previous.is_alive():
-            # An epoch left unfinished: its thread still decodes ahead, and would read the next epoch's number.
-            previous.close()
-            previous.join()
+    def _before_epoch(self) -> None:
+        super()._before_epoch()  # the previous epoch's thread, which reads the epoch cell, is done first
         self.epoch_cell.set(self.next_epoch)
 
     def __iter__(self):
-        self._start_epoch()
-        self._epoch_iterator = super().__iter__()
+        batches = super().__iter__()
         if not self.adds_lighting_bias:
-            return self._epoch_iterator
-        return self._add_lighting(self._epoch_iterator)
+            return batches
+        return self._add_lighting(batches)
 
     @staticmethod
     def _add_lighting(batches):
@@ -168,6 +199,11 @@ class _TrainLoader:
 def _train_loader_class():
     from ffcv.loader import Loader
     return type("TrainLoader", (_TrainLoader, Loader), {})
+
+
+def _val_loader_class():
+    from ffcv.loader import Loader
+    return type("ValLoader", (_ReusedBuffers, Loader), {})
 
 
 def train_loader(path: str, config: TrainLoaderConfig, batch_size: int, device="cpu", distributed: bool = False,
@@ -195,8 +231,13 @@ def train_loader(path: str, config: TrainLoaderConfig, batch_size: int, device="
     if lighting_on_batch is None:
         lighting_on_batch = device.type == "cuda" or dtype not in (None, np.float32)
     cell = EpochCell(epoch)
+    # CPU: flip, lighting and normalisation fused into the decoder's loop, on each image while it is in the
+    # cache (one pass over the batch fewer); then the tensor conversion.
+    tail = None if lighting_on_batch else FlipLightingNormalize(
+        IMAGENET_MEAN, IMAGENET_STD, flip_prob=0.5 if config.flip else 0.0, alphastd=config.lighting_alphastd,
+        seed=seed, epoch_cell=cell)
     image = [SeededRandomResizedCropDecoder((config.resolution, config.resolution), scale=tuple(config.scale),
-                                            ratio=tuple(config.ratio), seed=seed, epoch_cell=cell)]
+                                            ratio=tuple(config.ratio), seed=seed, epoch_cell=cell, tail=tail)]
     pipelines = {"image": image, "label": _label_pipeline(device)}
     adds_lighting_bias = lighting_on_batch and config.lighting_alphastd > 0
     if lighting_on_batch:
@@ -208,10 +249,8 @@ def train_loader(path: str, config: TrainLoaderConfig, batch_size: int, device="
             if device.type == "cuda":
                 bias.append(ToDevice(device, non_blocking=True))
             pipelines["lighting"] = PipelineSpec("label", decoder=IntDecoder(), transforms=bias)
-    else:  # CPU: one fused pass for flip, lighting and normalisation, then the tensor conversion
-        image += [FlipLightingNormalize(IMAGENET_MEAN, IMAGENET_STD, flip_prob=0.5 if config.flip else 0.0,
-                                        alphastd=config.lighting_alphastd, seed=seed, epoch_cell=cell),
-                  ToTensor(), ToTorchImage()]
+    else:
+        image += [ToTensor(), ToTorchImage()]
     order = OrderOption.QUASI_RANDOM if config.order == "quasi_random" else OrderOption.RANDOM
     warn_if_page_cache_too_small(path, config.os_cache)
     loader = _train_loader_class()(path, epoch_cell=cell, adds_lighting_bias=adds_lighting_bias,
@@ -227,7 +266,7 @@ def val_loader(path: str, config: ValLoaderConfig, device="cpu", distributed: bo
                indices=None):
     """The validation loader: sequential, every image (a distributed run pads to a multiple of the ranks)."""
     from ffcv.fields.decoders import CenterCropRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
+    from ffcv.loader import OrderOption
 
     device = torch.device(device)
     info = beton_info(path)
@@ -235,7 +274,7 @@ def val_loader(path: str, config: ValLoaderConfig, device="cpu", distributed: bo
     _check_batches(path, info, 1, world, drop_last=False)
     image = [CenterCropRGBImageDecoder((config.resolution, config.resolution), ratio=config.crop_ratio)]
     image += _image_tail(device, dtype)
-    return Loader(path, batch_size=config.batch_size, num_workers=loader_workers(config.num_workers),
-                  os_cache=config.os_cache, order=OrderOption.SEQUENTIAL, distributed=distributed, drop_last=False,
-                  batches_ahead=config.batches_ahead, indices=indices,
-                  pipelines={"image": image, "label": _label_pipeline(device)})
+    return _val_loader_class()(path, batch_size=config.batch_size, num_workers=loader_workers(config.num_workers),
+                               os_cache=config.os_cache, order=OrderOption.SEQUENTIAL, distributed=distributed,
+                               drop_last=False, batches_ahead=config.batches_ahead, indices=indices,
+                               pipelines={"image": image, "label": _label_pipeline(device)})
