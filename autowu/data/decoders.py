@@ -100,11 +100,11 @@ class SeededRandomResizedCropDecoder(RandomResizedCropRGBImageDecoder):
 
     def declare_state_and_memory(self, previous_state):
         state, (images, temp) = super().declare_state_and_memory(previous_state)
-        if self.tail is None:
-            return state, (images, temp)
+        if self.tail is None:  # (the decoded JPEG, the resized crop: the output)
+            return state, (temp, images)
         float32 = np.dtype(np.float32)
-        # (the float32 output, the decoded JPEG, the resized uint8 crop)
-        return replace(state, dtype=float32), (AllocationQuery(images.shape, float32), temp, images)
+        # (the decoded JPEG, the resized uint8 crop, the float32 output)
+        return replace(state, dtype=float32), (temp, images, AllocationQuery(images.shape, float32))
 
     def generate_code(self) -> Callable:
         # FFCV's decode loop (ffcv/fields/rgb_image.py, ResizedCropRGBImageDecoder), crop and resize swapped.
@@ -115,6 +115,7 @@ class SeededRandomResizedCropDecoder(RandomResizedCropRGBImageDecoder):
         resize_crop_c = Compiler.compile(fast_resize_crop if HAVE_FAST_RESIZE else resize_crop)
         scale, ratio = np.array(self.scale), np.array(self.ratio)
         seed, cell = self.seed, self.epoch_cell.address
+        finish, tail_cell = _tail_code(self.tail), (self.tail or self).epoch_cell.address
 
         @numba.njit(inline="always")
         def decode_one(field, image_data, temp_buffer, sample, epoch, destination):
@@ -128,38 +129,41 @@ class SeededRandomResizedCropDecoder(RandomResizedCropRGBImageDecoder):
             i, j, h, w = seeded_random_crop(height, width, scale, ratio, seed, epoch, sample)
             resize_crop_c(image, i, i + h, j, j + w, destination)
 
-        # Images take 2-3x longer to decode one than another: threads take them one at a time (numba's default
-        # splits the batch in equal halves up front, and the batch waits for the slower half).
-        if self.tail is None:
-            def decode(batch_indices, my_storage, metadata, storage_state):
-                destination, temp_storage = my_storage
-                epoch = read_cell(cell)
-                chunk = numba.set_parallel_chunksize(1)
-                for dst_ix in my_range(len(batch_indices)):
-                    sample = batch_indices[dst_ix]
-                    field = metadata[sample]
-                    decode_one(field, mem_read(field["data_ptr"], storage_state), temp_storage[dst_ix], sample,
-                               epoch, destination[dst_ix])
-                numba.set_parallel_chunksize(chunk)
-                return destination[:len(batch_indices)]
-        else:
-            flip_prob, alphastd, eigval, scaled_eigvec_t, mean, inv_std = self.tail.constants()
-            tail_seed, tail_cell = self.tail.seed, self.tail.epoch_cell.address
-
-            def decode(batch_indices, my_storage, metadata, storage_state):
-                destination, temp_storage, resized = my_storage
-                epoch, tail_epoch = read_cell(cell), read_cell(tail_cell)
-                chunk = numba.set_parallel_chunksize(1)
-                for dst_ix in my_range(len(batch_indices)):
-                    sample = batch_indices[dst_ix]
-                    field = metadata[sample]
-                    decode_one(field, mem_read(field["data_ptr"], storage_state), temp_storage[dst_ix], sample,
-                               epoch, resized[dst_ix])
-                    flip, bias = image_bias(tail_seed, tail_epoch, sample, flip_prob, alphastd, eigval,
-                                            scaled_eigvec_t, mean, inv_std)
-                    flip_lighting_normalize_image(resized[dst_ix], destination[dst_ix], flip, inv_std, bias)
-                numba.set_parallel_chunksize(chunk)
-                return destination[:len(batch_indices)]
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            # without a tail the resized crops are the output (my_storage[1] is my_storage[-1])
+            temp_storage, resized, destination = my_storage[0], my_storage[1], my_storage[-1]
+            epoch, tail_epoch = read_cell(cell), read_cell(tail_cell)
+            # Images take 2-3x longer to decode one than another: threads take them one at a time (numba's
+            # default splits the batch in equal halves up front, and the batch waits for the slower half).
+            chunk = numba.set_parallel_chunksize(1)
+            for dst_ix in my_range(len(batch_indices)):
+                sample = batch_indices[dst_ix]
+                field = metadata[sample]
+                decode_one(field, mem_read(field["data_ptr"], storage_state), temp_storage[dst_ix], sample, epoch,
+                           resized[dst_ix])
+                finish(resized[dst_ix], destination[dst_ix], sample, tail_epoch)
+            numba.set_parallel_chunksize(chunk)
+            return destination[:len(batch_indices)]
 
         decode.is_parallel = True
         return decode
+
+
+@numba.njit(inline="always")
+def _no_tail(image, destination, sample, epoch):
+    pass
+
+
+def _tail_code(tail) -> Callable:
+    """What the decoder does to each resized crop: nothing, or ``tail`` (a ``FlipLightingNormalize``) into the
+    float32 output, with the operation's own functions and constants."""
+    if tail is None:
+        return _no_tail
+    flip_prob, alphastd, eigval, scaled_eigvec_t, mean, inv_std = tail.constants()
+    seed = tail.seed
+
+    @numba.njit(inline="always")
+    def finish(image, destination, sample, epoch):
+        flip, bias = image_bias(seed, epoch, sample, flip_prob, alphastd, eigval, scaled_eigvec_t, mean, inv_std)
+        flip_lighting_normalize_image(image, destination, flip, inv_std, bias)
+    return finish
