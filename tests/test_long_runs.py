@@ -51,6 +51,24 @@ def wait_for_line(proc, pattern, lines, timeout=300):
     raise AssertionError(f"{pattern!r} never came:\n" + "".join(lines[-30:]))
 
 
+def wait_for_train_record(run_dir, after_epoch, before_epoch, timeout=120):
+    """Until log.jsonl has a loss reading inside (after_epoch, before_epoch): a fixed sleep lands anywhere in an
+    epoch that takes half a second."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(run_dir / "log.jsonl") as f:
+            lines = f.read().splitlines()
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line still being written
+                continue
+            if record["kind"] == "train" and after_epoch < record["epoch"] < before_epoch:
+                return
+        time.sleep(0.005)
+    raise AssertionError(f"no loss reading between epochs {after_epoch} and {before_epoch} in {timeout} s")
+
+
 def ranks_of(run_dir):
     return [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] and "--local_rank" in
             " ".join(p.info["cmdline"]) and str(run_dir) in " ".join(p.info["cmdline"])]
@@ -80,7 +98,7 @@ def test_sigterm_mid_epoch_checkpoints_and_the_resumed_run_equals_the_unbroken_o
     run_dir, port, lines = tmp_path / "interrupted", free_port(), []
     proc = start_deepspeed(train_args(betons, run_dir), port)
     wait_for_line(proc, f"epoch 2/{EPOCHS}:", lines)
-    time.sleep(0.5)  # into epoch 3
+    wait_for_train_record(run_dir, 2.0, 2.6)  # into epoch 3, with most of it still to run
     ranks = ranks_of(run_dir)
     assert len(ranks) == 2
     signalled = time.monotonic()
