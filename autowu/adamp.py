@@ -22,8 +22,9 @@ Without a layout (no ZeRO), every tensor is taken as a whole parameter of its ow
 On the CPU the parameters a tensor holds whole take all four steps in one numba visit each, in cache, on torch's
 own OpenMP threads and while the all-reduce runs; the rows of the (at most two) parameters cut by its ends take
 two numba passes around it (``autowu.adamp_cpu``): no index scatter, no atomics, the same result on any number
-of threads (its cost against DeepSpeed's fused Adam: ``benchmarks/RESULTS.md``). On a GPU they are torch
-operations (``index_add_``, whose atomics make the sums' rounding vary from run to run).
+of threads (its cost against DeepSpeed's fused Adam: ``benchmarks/RESULTS.md``); on several ranks the count of
+projected parameters (``last_projected``) follows in a 1-number all-reduce that the step does not wait for. On a
+GPU they are torch operations (``index_add_``, whose atomics make the sums' rounding vary from run to run).
 Checked against ``timm.optim.AdamP`` in ``tests/test_adamp.py`` (1-3 ranks, boundaries through parameters).
 """
 from __future__ import annotations
