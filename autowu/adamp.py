@@ -39,8 +39,8 @@ import torch
 import torch.distributed as dist
 from torch.optim.optimizer import Optimizer
 
-from .adamp_cpu import (adam_and_row_sums, adamp_whole_parameters, apply_update, cut_parameters,
-                        decide_cut_parameters, largest_first, segments_of, whole_parameter_units)
+from .adamp_cpu import (WholeParameters, adam_and_row_sums, apply_update, cut_parameters, decide_cut_parameters,
+                        segments_of, whole_parameter_units)
 
 # The four per-channel sums, in this order, in the reduced buffer.
 _GRAD_PARAM, _GRAD_GRAD, _PARAM_PARAM, _PARAM_PERTURB = range(4)
@@ -95,15 +95,21 @@ class _Segments:
         # The CPU path: parameters wholly in this tensor in one pass each; the rows of parameters cut by its ends
         # (``shared``) in two, around the all-reduce that completes their sums.
         self.units, self.shared = whole_parameter_units(layout.shapes, layout.offsets, layout.start, layout.numel)
-        self.unit_order = largest_first(self.units)
         self.cut = cut_parameters(layout.shapes, layout.offsets, layout.start, layout.numel)
         self.shares = len(self.shared.first) > 0
+        self._whole_parameters: Optional[WholeParameters] = None
         self.device = device
         self._element_row: Optional[torch.Tensor] = None
         self.row_param = torch.tensor(row_param, dtype=torch.int64, device=device)
         self.inv_sqrt_row_size = torch.tensor([1 / math.sqrt(n // r) for n, r in zip(param_numels, param_rows)],
                                               device=device)
         self.inv_sqrt_param_numel = torch.tensor([1 / math.sqrt(n) for n in param_numels], device=device)
+
+    def whole_parameters(self, threads: int) -> WholeParameters:
+        """The CPU path's plan for the whole parameters on ``threads`` threads (built once)."""
+        if self._whole_parameters is None or self._whole_parameters.threads != max(1, threads):
+            self._whole_parameters = WholeParameters(self.units, threads)
+        return self._whole_parameters
 
     @property
     def element_row(self) -> torch.Tensor:
@@ -313,13 +319,10 @@ class ZeroAdamP(Optimizer):
         beta1, beta2 = group["betas"]
         state = self.state[p]
         lr_wd = group["lr"] * group["weight_decay"]
-        projected = np.zeros(len(segments.unit_order), dtype=np.int64)
-        adamp_whole_parameters(_flat(p), _flat(p.grad), _flat(state["exp_avg"]), _flat(state["exp_avg_sq"]),
-                               segments.units, segments.unit_order, projected, beta1, beta2, group["eps"],
-                               math.sqrt(1 - beta2 ** state["step"]), bool(group["nesterov"]), group["delta"],
-                               group["lr"] / (1 - beta1 ** state["step"]), 1.0 - lr_wd,
-                               1.0 - lr_wd * group["wd_ratio"], torch.get_num_threads())
-        return int(projected.sum())
+        return segments.whole_parameters(torch.get_num_threads()).step(
+            _flat(p), _flat(p.grad), _flat(state["exp_avg"]), _flat(state["exp_avg_sq"]), beta1, beta2,
+            group["eps"], math.sqrt(1 - beta2 ** state["step"]), bool(group["nesterov"]), group["delta"],
+            group["lr"] / (1 - beta1 ** state["step"]), 1.0 - lr_wd, 1.0 - lr_wd * group["wd_ratio"])
 
     def _adam(self, p: torch.Tensor, group: dict, beta1: float, beta2: float) -> torch.Tensor:
         """Adam's moments as timm updates them; returns the update direction (``perturb``)."""

@@ -2,7 +2,7 @@
 
 A flat tensor (a ZeRO partition, or a whole parameter) holds whole parameters and, at its ends, parts of
 parameters that a partition boundary cuts. A whole parameter's AdamP decision needs only its own elements and
-only grad.param, grad.grad and param.param of each channel ("row"), so ``adamp_whole_parameters`` reads param
+only grad.param, grad.grad and param.param of each channel ("row"), so ``WholeParameters`` reads param
 and grad once to decide, then gives each row Adam's moments, its update direction and its param.perturb sum
 and updates it while it is in the L1 cache (a layer-view projection, whose coefficient is the whole
 parameter's, visits it once more). The parameters run on torch's own OpenMP threads, largest first, each done
@@ -70,18 +70,33 @@ def segments_of(shapes, offsets, start: int, numel: int) -> Tuple[np.ndarray, np
     return np.asarray(first, dtype=np.int64), np.asarray(length, dtype=np.int64), row, num_rows
 
 
+@njit(inline="always")
+def _adam_constants(beta1, beta2, eps, sqrt_bias_correction2, nesterov):
+    """float32 constants, as torch computes on float32 tensors: (b1, b2, 1 - b1, 1 - b2, eps, sqrt of the second
+    bias correction, and nb1, ng of ``perturb = (nb1 * m + ng * g) / denom``)."""
+    return (np.float32(beta1), np.float32(beta2), np.float32(1.0 - beta1), np.float32(1.0 - beta2),
+            np.float32(eps), np.float32(sqrt_bias_correction2),
+            np.float32(beta1) if nesterov else np.float32(1.0),
+            np.float32(1.0 - beta1) if nesterov else np.float32(0.0))
+
+
+@njit(inline="always")
+def _adam_element(g, m, v, constants):
+    """One element's moments as timm updates them and its update direction: (m, v, perturb)."""
+    b1, b2, c1, c2, e, bc2, nb1, ng = constants
+    m = m * b1 + g * c1
+    v = v * b2 + g * g * c2
+    return m, v, (nb1 * m + ng * g) / (np.sqrt(v) / bc2 + e)
+
+
 # The inner loops run over slices from 0: so written, LLVM vectorises them (an inner loop over ``range(a, b)`` of
 # the whole arrays ran 3-6x slower). Reassociation (restricted fastmath) lets it vectorise the sums; each row
 # is still summed by one thread in one fixed order, so the result does not depend on the number of threads.
 @njit(parallel=True, cache=True, fastmath={"reassoc", "contract", "nsz"})
 def adam_and_row_sums(param, grad, exp_avg, exp_avg_sq, perturb, first, length, row, sums,
                       beta1, beta2, eps, sqrt_bias_correction2, nesterov, num_rows):
-    # float32 constants and arithmetic, as torch computes on float32 tensors; the sums in float64.
-    b1, b2 = np.float32(beta1), np.float32(beta2)
-    c1, c2 = np.float32(1.0 - beta1), np.float32(1.0 - beta2)
-    e, bc2 = np.float32(eps), np.float32(sqrt_bias_correction2)
-    nb1 = np.float32(beta1) if nesterov else np.float32(1.0)   # perturb = (nb1 * m + ng * g) / denom
-    ng = np.float32(1.0 - beta1) if nesterov else np.float32(0.0)
+    # float32 arithmetic, as torch computes on float32 tensors; the sums in float64.
+    constants = _adam_constants(beta1, beta2, eps, sqrt_bias_correction2, nesterov)
     for s in prange(first.shape[0]):
         a, n, r = first[s], length[s], row[s]
         gs, ps, ms = grad[a:a + n], param[a:a + n], exp_avg[a:a + n]
@@ -89,11 +104,7 @@ def adam_and_row_sums(param, grad, exp_avg, exp_avg_sq, perturb, first, length, 
         grad_param = grad_grad = param_param = param_perturb = 0.0
         for i in range(n):
             g, p = gs[i], ps[i]
-            m = ms[i] * b1 + g * c1
-            v = vs[i] * b2 + g * g * c2
-            ms[i] = m
-            vs[i] = v
-            q = (nb1 * m + ng * g) / (np.sqrt(v) / bc2 + e)
+            ms[i], vs[i], q = _adam_element(g, ms[i], vs[i], constants)
             qs[i] = q
             grad_param += np.float64(g * p)
             grad_grad += np.float64(g * g)
@@ -284,32 +295,20 @@ def _adam_row(param, grad, exp_avg, exp_avg_sq, a, n, view, param_param, q_row, 
     """One row's Adam moments and update direction; returns its param.perturb. Without a projection (or with the
     layer view, applied afterwards) the row is updated in the same loop; with the channel view after it, from
     the row's update direction kept in ``q_row`` (in the L1 cache)."""
-    b1, b2 = np.float32(beta1), np.float32(beta2)
-    c1, c2 = np.float32(1.0 - beta1), np.float32(1.0 - beta2)
-    e, bc2 = np.float32(eps), np.float32(sqrt_bias_correction2)
-    nb1 = np.float32(beta1) if nesterov else np.float32(1.0)
-    ng = np.float32(1.0 - beta1) if nesterov else np.float32(0.0)
+    constants = _adam_constants(beta1, beta2, eps, sqrt_bias_correction2, nesterov)
     lr = np.float32(step_size)
     gs, ps, ms, vs = grad[a:a + n], param[a:a + n], exp_avg[a:a + n], exp_avg_sq[a:a + n]
     param_perturb = 0.0
-    if view == _NO_PROJECTION:
+    if view == _NO_PROJECTION:  # updated in the same loop (its own loop: no store of q, no branch in it)
         for i in range(n):
-            g, p = gs[i], ps[i]
-            m = ms[i] * b1 + g * c1
-            v = vs[i] * b2 + g * g * c2
-            ms[i] = m
-            vs[i] = v
-            q = (nb1 * m + ng * g) / (np.sqrt(v) / bc2 + e)
+            p = ps[i]
+            ms[i], vs[i], q = _adam_element(gs[i], ms[i], vs[i], constants)
             param_perturb += np.float64(p * q)
             ps[i] = p * d - lr * q
         return param_perturb
     for i in range(n):
-        g, p = gs[i], ps[i]
-        m = ms[i] * b1 + g * c1
-        v = vs[i] * b2 + g * g * c2
-        ms[i] = m
-        vs[i] = v
-        q = (nb1 * m + ng * g) / (np.sqrt(v) / bc2 + e)
+        p = ps[i]
+        ms[i], vs[i], q = _adam_element(gs[i], ms[i], vs[i], constants)
         param_perturb += np.float64(p * q)
         if view == _CHANNEL_VIEW:
             q_row[i] = q
@@ -325,9 +324,7 @@ def _adam_row(param, grad, exp_avg, exp_avg_sq, a, n, view, param_param, q_row, 
 def _apply_rows(param, grad, exp_avg, exp_avg_sq, a, n, c, beta1, eps, sqrt_bias_correction2, nesterov,
                 step_size, d):
     """The layer view's update: the direction recomputed from the moments already updated."""
-    e, bc2 = np.float32(eps), np.float32(sqrt_bias_correction2)
-    nb1 = np.float32(beta1) if nesterov else np.float32(1.0)
-    ng = np.float32(1.0 - beta1) if nesterov else np.float32(0.0)
+    _, _, _, _, e, bc2, nb1, ng = _adam_constants(beta1, 0.0, eps, sqrt_bias_correction2, nesterov)
     lr = np.float32(step_size)
     gs, ps, ms, vs = grad[a:a + n], param[a:a + n], exp_avg[a:a + n], exp_avg_sq[a:a + n]
     for i in range(n):
@@ -352,7 +349,7 @@ def _apply_rows(param, grad, exp_avg, exp_avg_sq, a, n, c, beta1, eps, sqrt_bias
 # number of threads. ``error_model="numpy"``: with Python's, every division checks for zero and the loops do not
 # vectorise (4x slower).
 _FASTMATH = {"reassoc", "contract", "nsz"}
-_BLOCK = 20   # the worker's argument block: addresses and sizes, in the order ``adamp_whole_parameters`` packs
+_BLOCK = 20   # the worker's argument block: addresses and sizes, in the order ``WholeParameters`` packs
 
 
 @intrinsic
@@ -411,30 +408,44 @@ def _whole_parameters_worker(data):
                                       s[6], np.float32(s[7]), np.float32(s[8]))
 
 
-def adamp_whole_parameters(param, grad, exp_avg, exp_avg_sq, units: Units, order, projected, beta1, beta2, eps,
-                           sqrt_bias_correction2, nesterov, delta, step_size, decay, decay_projected, threads):
-    """Every whole parameter's step (``units``, taken in ``order``) on ``threads`` of torch's threads;
-    ``projected[u]``: 1 if unit u was projected. The arrays: contiguous, float32 (param, grad, moments)."""
-    for name, array in (("param", param), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        if array.dtype != np.float32 or not array.flags.c_contiguous or array.shape != param.shape:
-            raise ValueError(f"adamp_whole_parameters: {name} must be contiguous float32 like param")
-    tables = [np.ascontiguousarray(a, dtype=np.int64) for a in (units.first, units.rows, units.row_size)]
-    projects = np.ascontiguousarray(units.projects, dtype=np.uint8)
-    order = np.ascontiguousarray(order, dtype=np.int64)
-    scalars = np.array([beta1, beta2, eps, sqrt_bias_correction2, float(nesterov), delta, step_size, decay,
-                        decay_projected], dtype=np.float64)
-    counters = np.zeros(2, dtype=np.int64)   # the next unit to take; the next scratch slot
-    threads = max(1, threads)
-    max_rows, max_row_size = int(max(units.rows.max(initial=1), 1)), int(max(units.row_size.max(initial=1), 1))
-    sums = np.empty((threads, 4, max_rows), dtype=np.float64)
-    q_row = np.empty((threads, max_row_size), dtype=np.float32)
-    block = np.array([counters.ctypes.data, param.size, param.ctypes.data, grad.ctypes.data, exp_avg.ctypes.data,
-                      exp_avg_sq.ctypes.data, len(order)] + [t.ctypes.data for t in tables] +
-                     [projects.ctypes.data, order.ctypes.data, projected.ctypes.data, scalars.ctypes.data,
-                      counters.ctypes.data + 8, threads, max_rows, max_row_size, sums.ctypes.data, q_row.ctypes.data],
-                     dtype=np.int64)
-    assert block.size == _BLOCK and projected.dtype == np.int64 and projected.size == len(order)
-    run_on_torch_threads(_worker_address(), block.ctypes.data, threads)
+class WholeParameters:
+    """The step of every whole parameter of one tensor's layout (``units``) on ``threads`` of torch's threads.
+
+    Built once per layout and thread count: the tables, the per-thread scratch and the worker's argument block
+    live here, so that a step allocates nothing (a new 128 KiB scratch a step would come from ``mmap`` and be
+    faulted in again by the threads)."""
+
+    def __init__(self, units: Units, threads: int):
+        self.threads = max(1, int(threads))
+        self.order = largest_first(units)
+        self.tables = [np.ascontiguousarray(a, dtype=np.int64) for a in (units.first, units.rows, units.row_size)]
+        self.projects = np.ascontiguousarray(units.projects, dtype=np.uint8)
+        self.projected = np.zeros(len(self.order), dtype=np.int64)   # 1 where the unit was projected
+        self.scalars = np.zeros(9, dtype=np.float64)
+        self.counters = np.zeros(2, dtype=np.int64)   # the next unit to take; the next scratch slot
+        max_rows, max_row_size = int(max(units.rows.max(initial=1), 1)), int(max(units.row_size.max(initial=1), 1))
+        self.sums = np.empty((self.threads, 4, max_rows), dtype=np.float64)
+        self.q_row = np.empty((self.threads, max_row_size), dtype=np.float32)
+        self.block = np.array([self.counters.ctypes.data, 0, 0, 0, 0, 0, len(self.order)] +
+                              [t.ctypes.data for t in self.tables] +
+                              [self.projects.ctypes.data, self.order.ctypes.data, self.projected.ctypes.data,
+                               self.scalars.ctypes.data, self.counters.ctypes.data + 8, self.threads, max_rows,
+                               max_row_size, self.sums.ctypes.data, self.q_row.ctypes.data], dtype=np.int64)
+        assert self.block.size == _BLOCK
+
+    def step(self, param, grad, exp_avg, exp_avg_sq, beta1, beta2, eps, sqrt_bias_correction2, nesterov, delta,
+             step_size, decay, decay_projected) -> int:
+        """One step of every unit; the arrays: contiguous float32 of one size. Returns how many were projected."""
+        for name, array in (("param", param), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+            if array.dtype != np.float32 or not array.flags.c_contiguous or array.shape != param.shape:
+                raise ValueError(f"WholeParameters.step: {name} must be contiguous float32 like param")
+        self.block[1:6] = (param.size, param.ctypes.data, grad.ctypes.data, exp_avg.ctypes.data,
+                           exp_avg_sq.ctypes.data)
+        self.scalars[:] = (beta1, beta2, eps, sqrt_bias_correction2, float(nesterov), delta, step_size, decay,
+                           decay_projected)
+        self.counters[:] = 0
+        run_on_torch_threads(_worker_address(), self.block.ctypes.data, self.threads)
+        return int(self.projected.sum())
 
 
 _COMPILED = {}   # the worker's compiled code lives as long as this module
