@@ -8,8 +8,9 @@ it then
 
 1. runs Adam's moment updates on the whole shard (elementwise, as timm does);
 2. computes, for every output channel of every parameter with two or more dimensions, four partial sums over
-   the elements it owns: grad.param, grad.grad, param.param and param.perturb (one ``index_add_`` each over the
-   whole shard, not one kernel per parameter);
+   the elements it owns: grad.param, grad.grad, param.param and param.perturb (a channel's elements are one
+   contiguous run of the shard, so each sum is one segmented reduction over the whole shard, not one kernel per
+   parameter, and not an index scatter);
 3. completes them with one all-reduce of that small vector (4 x the number of channels), so that a parameter
    that straddles a partition boundary gets exactly the sums of the whole parameter;
 4. takes AdamP's decision on the device (channel view, else layer view: max |cosine| below
@@ -24,7 +25,8 @@ own OpenMP threads and while the all-reduce runs; the rows of the (at most two) 
 two numba passes around it (``autowu.adamp_cpu``): no index scatter, no atomics, the same result on any number
 of threads (its cost against DeepSpeed's fused Adam: ``benchmarks/RESULTS.md``); on several ranks the count of
 projected parameters (``last_projected``) follows in a 1-number all-reduce that the step does not wait for. On a
-GPU they are torch operations (``index_add_``, whose atomics make the sums' rounding vary from run to run).
+GPU they are torch operations; the sums are ``torch.segment_reduce`` (CUB's segmented reduction: no atomics,
+so their rounding does not vary from run to run, as ``index_add_``'s did).
 Checked against ``timm.optim.AdamP`` in ``tests/test_adamp.py`` (1-3 ranks, boundaries through parameters).
 """
 from __future__ import annotations
@@ -100,6 +102,15 @@ class _Segments:
         self._whole_parameters: Optional[WholeParameters] = None
         self.device = device
         self._element_row: Optional[torch.Tensor] = None
+        # The torch path's sums: the segments tile the tensor, a channel is one segment of it (its part in this
+        # tensor), so a segmented reduction gives every channel's sum; then each channel's is put in its place.
+        self.segment_offsets = torch.from_numpy(np.append(self.first, layout.numel)).to(device)
+        projected = np.flatnonzero(self.row < self.num_rows)
+        if len(np.unique(self.row[projected])) != len(projected):
+            raise AssertionError("ZeroAdamP: a channel in two segments of one tensor")  # segments_of never does
+        self.projected_segments = torch.from_numpy(projected).to(device)
+        self.projected_segment_rows = torch.from_numpy(self.row[projected]).to(device)
+        self.param_rows = torch.tensor(param_rows, dtype=torch.int64, device=device)  # a parameter's rows: a run
         self.row_param = torch.tensor(row_param, dtype=torch.int64, device=device)
         self.inv_sqrt_row_size = torch.tensor([1 / math.sqrt(n // r) for n, r in zip(param_numels, param_rows)],
                                               device=device)
@@ -113,7 +124,7 @@ class _Segments:
 
     @property
     def element_row(self) -> torch.Tensor:
-        """Every element's row, for index_add_ and index_select on a GPU (or a non-contiguous CPU tensor)."""
+        """Every element's row, for index_select on a GPU (or a non-contiguous CPU tensor)."""
         if self._element_row is None:
             self._element_row = torch.repeat_interleave(torch.from_numpy(self.row).int(),
                                                         torch.from_numpy(self.length)).to(self.device)
@@ -288,10 +299,13 @@ class ZeroAdamP(Optimizer):
             return None
         perturb = self._adam(p, group, beta1, beta2)
         if segments.projects:
-            index = segments.element_row
-            for row, (a, b) in enumerate(((p.grad, p), (p.grad, p.grad), (p, p), (p, perturb))):
-                # reshape: elements in the logical (row-major) order the index uses, whatever the layout
-                partial[row].index_add_(0, index, (a * b).reshape(-1).float())
+            for k, (a, b) in enumerate(((p.grad, p), (p.grad, p.grad), (p, p), (p, perturb))):
+                # reshape: elements in the logical (row-major) order of the segments, whatever the layout.
+                # unsafe: the offsets were checked when built; checking them here would wait for the GPU.
+                per_segment = torch.segment_reduce((a * b).reshape(-1).float(), "sum",
+                                                   offsets=segments.segment_offsets, unsafe=True)
+                partial[k].index_copy_(0, segments.projected_segment_rows,
+                                       per_segment.index_select(0, segments.projected_segments))
         return perturb
 
     def _cut_rows_first_pass(self, p: torch.Tensor, group: dict, segments: "_Segments",
@@ -391,9 +405,10 @@ def _project(sums: torch.Tensor, segments: _Segments, group: dict):
     max_cosine = zeros.scatter_reduce(0, row_param, cosine, reduce="amax", include_self=False)
     channel = max_cosine < delta * segments.inv_sqrt_row_size
 
-    # Layer view, tried only where the channel view did not pass: a parameter's sums are its channels' sums.
-    layer_sums = torch.zeros(4, params, dtype=sums.dtype, device=sums.device).index_add_(1, row_param,
-                                                                                        sums[:, :rows])
+    # Layer view, tried only where the channel view did not pass: a parameter's sums are its channels' sums
+    # (its rows are a run: a segmented reduction, no atomics).
+    layer_sums = torch.segment_reduce(sums[:, :rows].t().contiguous(), "sum", lengths=segments.param_rows,
+                                      unsafe=True).t()
     layer_cosine = layer_sums[0].abs() / (layer_sums[1].sqrt().clamp_min(eps) * layer_sums[2].sqrt().clamp_min(eps))
     layer = ~channel & (layer_cosine < delta * segments.inv_sqrt_param_numel)
 

@@ -4,6 +4,7 @@
 #   summary.json        every step's exit status and seconds, the environment, the figures below
 #   gpu_check.log       every step's output
 #   pytest.xml          `pytest -m gpu`: GPU loaders against the CPU path, the fp16 ZeRO-1 engine's host syncs,
+#                       ZeroAdamP's bits on two runs,
 #                       the digits default on one GPU (tests/test_gpu.py)
 #   engine_syncs.json, digits_gpu.json   what those tests measured
 #   throughput.json     benchmarks/gpu_throughput.py: FFCV loader, FFCV + DeepSpeed training, model only,

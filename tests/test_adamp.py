@@ -159,7 +159,7 @@ def test_cpu_units_are_whole_parameters_and_the_shared_rows_the_cut_ones():
 
 def test_the_fused_cpu_step_equals_the_device_path_and_any_thread_count():
     """ZeRO-1's layout on one rank (a flat buffer of every parameter with padding between them): the fused numba
-    passes against the torch path a GPU runs (index_add_), and on 1 thread against 2 (torch's OpenMP team, or
+    passes against the torch path a GPU runs (segmented reductions), and on 1 thread against 2 (torch's OpenMP team, or
     Python threads where torch has none): bit for bit."""
     import numba
 
@@ -200,3 +200,38 @@ def test_the_fused_cpu_step_equals_the_device_path_and_any_thread_count():
     assert numba.config.NUMBA_NUM_THREADS >= 1
     assert torch.equal(fused_one, fused_two) and torch.equal(fused_one, fused_python_threads)
     assert ((fused_two - device_path).abs().max() / device_path.abs().max()).item() < 1e-6
+
+
+def test_the_device_paths_channel_sums_are_each_channels_own():
+    """The torch path (a GPU's) sums each channel's elements by a segmented reduction over the tensor: on a
+    partition that cuts through parameters (at both ends), every channel's four sums equal its elements' sums
+    in float64, padding and 1-D parameters in no channel."""
+    from autowu.adamp import _Segments
+    shapes, offsets = ((5, 3, 3, 3), (7,), (4, 11), (6, 2)), (0, 140, 150, 200)
+    start, numel = 20, 190   # from row 0 of the first parameter (elements 20-26 of it) to part of the last
+    layout = FlatLayout(shapes, offsets, start, numel)
+    opt = ZeroAdamP([torch.nn.Parameter(torch.zeros(numel))], lr=0.01, weight_decay=0.1)
+    flat = opt.param_groups[0]["params"][0]
+    opt.set_layout(flat, layout)
+    flat.data = torch.randn(numel, generator=torch.Generator().manual_seed(0))
+    flat.grad = torch.randn(numel, generator=torch.Generator().manual_seed(1))
+    segments = _Segments(layout, flat.device)
+    partial = torch.zeros(4, segments.num_rows + 1)
+    perturb = opt._adam(flat, opt.param_groups[0], 0.9, 0.999)
+    opt.state[flat].clear()
+    segments.fused = False
+    assert opt._adam_and_sums(flat, opt.param_groups[0], segments, partial) is not None
+    expected = torch.zeros(4, segments.num_rows + 1, dtype=torch.float64)
+    row0 = 0
+    for shape, offset in zip(shapes, offsets):
+        if len(shape) < 2:
+            continue
+        row_size = shape[1] if len(shape) == 2 else 27
+        for r in range(shape[0]):
+            lo, hi = max(offset + r * row_size, start), min(offset + (r + 1) * row_size, start + numel)
+            if lo < hi:
+                p, g, q = (t[lo - start:hi - start].double() for t in (flat.detach(), flat.grad, perturb))
+                expected[:, row0 + r] = torch.stack([(g * p).sum(), (g * g).sum(), (p * p).sum(), (p * q).sum()])
+        row0 += shape[0]
+    torch.testing.assert_close(partial.double(), expected, rtol=1e-5, atol=1e-6)
+    assert (partial[:, -1] == 0).all() and (partial[:, :5] != 0).all()

@@ -4,6 +4,7 @@ a GPU machine with the kit from scripts/gpu_kit.sh.
 - the GPU loaders' output (device, fp16, channels_last) against the CPU path's on the same images, seed, epoch;
 - a 1-GPU fp16 ZeRO-1 engine (ZeroAdamP, AutoWU from the config): where each host synchronisation of the hot loop
   comes from, outside AutoWU's GP tests: none from autowu or the loop, DeepSpeed's own counted;
+- ZeroAdamP's device path: the same bits on every run, and timm's AdamP;
 - the digits default end to end on one GPU, through DeepSpeed's launcher.
 """
 import json
@@ -139,6 +140,50 @@ def test_fp16_zero1_engine_with_autowu_syncs_only_in_gp_tests(tmp_path):
     print(json.dumps(report, indent=1))
     assert checked > 80 and in_tests >= 1
     assert ours == [], f"host syncs outside DeepSpeed and the GP tests: {ours[:10]}"
+
+
+def test_zero_adamp_on_the_gpu_gives_the_same_bits_every_run():
+    """ResNet-50's parameters as ZeRO-1 lays them out on one rank (a flat fp32 buffer with padding), ZeroAdamP's
+    device path: its channel sums are segmented reductions (no atomics), so two runs from the same state give
+    the same bits (with ``index_add_`` they differed in the last bits); and it stays timm's AdamP."""
+    import timm
+    import timm.optim
+    from autowu.adamp import FlatLayout, ZeroAdamP
+
+    torch.manual_seed(0)
+    params = [p.detach().cuda() for p in timm.create_model("resnet50").parameters()]
+    offsets, end = [], 0
+    for p in params:
+        offsets.append(end)
+        end += p.numel() + 16
+    layout = FlatLayout(tuple(tuple(p.shape) for p in params), tuple(offsets), 0, end)
+    grads = [torch.randn(end, device="cuda", generator=torch.Generator("cuda").manual_seed(s)) * 1e-3
+             for s in range(3)]
+
+    def run():
+        flat = torch.nn.Parameter(torch.zeros(end, device="cuda"))
+        for p, offset in zip(params, offsets):
+            flat.data[offset:offset + p.numel()] = p.reshape(-1)
+        opt = ZeroAdamP([flat], lr=1e-3, weight_decay=0.1)
+        opt.set_layout(flat, layout)
+        for grad in grads:
+            flat.grad = grad.clone()
+            opt.step()
+        torch.cuda.synchronize()
+        return flat.detach().clone(), int(opt.last_projected)
+
+    first, projected = run()
+    second, _ = run()
+    assert torch.equal(first, second) and projected > 0
+    reference = [torch.nn.Parameter(p.clone()) for p in params]
+    timm_adamp = timm.optim.AdamP(reference, lr=1e-3, weight_decay=0.1)
+    for grad in grads:
+        for p, offset in zip(reference, offsets):
+            p.grad = grad[offset:offset + p.numel()].view(p.shape).clone()
+        timm_adamp.step()
+    worst = max(((first[o:o + p.numel()].view(p.shape) - p).norm() / p.norm()).item()
+                for p, o in zip(reference, offsets))
+    assert worst < 1e-5, worst
 
 
 def test_digits_default_end_to_end_on_one_gpu(tmp_path):
