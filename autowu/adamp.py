@@ -88,7 +88,6 @@ class _Segments:
                 param_numels.append(math.prod(shape))
                 param_rows.append(shape[0])
         self.num_rows = len(row_param)
-        self.num_params = len(param_numels)
         # Elements of 1-D parameters and padding belong to one extra row whose coefficient is 0 and ratio 1.
         # Contiguous segments of one row each: autowu.adamp_cpu's two passes on a contiguous CPU tensor.
         self.first, self.length, self.row, _ = segments_of(layout.shapes, layout.offsets, layout.start, layout.numel)
@@ -395,18 +394,17 @@ def _project(sums: torch.Tensor, segments: _Segments, group: dict):
     were projected.
     """
     eps, delta = group["eps"], group["delta"]
-    rows, params = segments.num_rows, segments.num_params
+    rows = segments.num_rows
     row_param = segments.row_param
     grad_param, grad_grad, param_param, param_perturb = sums[:, :rows]
-    zeros = torch.zeros(params, dtype=sums.dtype, device=sums.device)
 
+    # A parameter's rows are a run of the rows: its max and its sums over them are segmented reductions.
     # Channel view. torch's cosine_similarity normalises each vector by max(its norm, eps), as here.
     cosine = grad_param.abs() / (grad_grad.sqrt().clamp_min(eps) * param_param.sqrt().clamp_min(eps))
-    max_cosine = zeros.scatter_reduce(0, row_param, cosine, reduce="amax", include_self=False)
+    max_cosine = torch.segment_reduce(cosine, "max", lengths=segments.param_rows, unsafe=True)
     channel = max_cosine < delta * segments.inv_sqrt_row_size
 
-    # Layer view, tried only where the channel view did not pass: a parameter's sums are its channels' sums
-    # (its rows are a run: a segmented reduction, no atomics).
+    # Layer view, tried only where the channel view did not pass: a parameter's sums are its channels' sums.
     layer_sums = torch.segment_reduce(sums[:, :rows].t().contiguous(), "sum", lengths=segments.param_rows,
                                       unsafe=True).t()
     layer_cosine = layer_sums[0].abs() / (layer_sums[1].sqrt().clamp_min(eps) * layer_sums[2].sqrt().clamp_min(eps))

@@ -38,8 +38,7 @@ CASES = ("sigterm", "torn", "ctrlc", "world", "bad")
 
 
 class Launcher:
-    def __init__(self, out):
-        self.out = out
+    def __init__(self):
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", PATH=f"{BIN}:{os.environ['PATH']}")
         self.port = 29640
 
@@ -65,6 +64,21 @@ def read_until(proc, pattern, lines):
         if pattern in line:
             return
     raise RuntimeError(f"{pattern!r} never came:\n" + "".join(lines[-20:]))
+
+
+def wait_inside_epoch(run_dir, epoch):
+    """Until ``log.jsonl`` has a loss reading inside ``epoch`` (counted from 1): epochs take half a second here,
+    so a fixed sleep could land at an epoch's end."""
+    while True:
+        with open(os.path.join(run_dir, "log.jsonl")) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line still being written
+                    continue
+                if record["kind"] == "train" and epoch - 1 < record["epoch"] < epoch:
+                    return
+        time.sleep(0.005)
 
 
 def processes_of(run_dir):
@@ -118,11 +132,12 @@ def tracebacks(lines):
     return found
 
 
-def signal_mid_epoch(launcher, run_dir, base, epoch_line, how):
+def signal_mid_epoch(launcher, run_dir, base, epoch, how):
+    """Start a run, ``how(proc)`` once it is inside ``epoch`` (from 1)."""
     lines = []
     proc = launcher.start(2, base + ["--out_dir", run_dir])
-    read_until(proc, epoch_line, lines)
-    time.sleep(0.25)  # into the next epoch (an epoch takes about half a second here)
+    read_until(proc, f"epoch {epoch - 1}/", lines)
+    wait_inside_epoch(run_dir, epoch)
     signalled = time.monotonic()
     how(proc)
     lines += proc.stdout.readlines()
@@ -142,7 +157,7 @@ def main():
     if set(cases) - set(CASES):
         parser.error(f"unknown case(s) {sorted(set(cases) - set(CASES))}; choose from {', '.join(CASES)}")
     out = tempfile.mkdtemp(prefix="autowu_long_runs_")
-    launcher = Launcher(out)
+    launcher = Launcher()
     config = json.load(open(CONFIG))
     config["train"]["checkpoint_every"] = 1
     every_epoch = os.path.join(out, "every_epoch.json")
@@ -160,7 +175,7 @@ def main():
         def terminate_ranks(proc):
             for rank in [p for p in processes_of(run_dir) if "--local_rank" in " ".join(p.info["cmdline"])]:
                 rank.send_signal(signal.SIGTERM)
-        case = signal_mid_epoch(launcher, run_dir, base, "epoch 2/", terminate_ranks)
+        case = signal_mid_epoch(launcher, run_dir, base, 3, terminate_ranks)
         proc, _ = launcher.run(2, base + ["--out_dir", run_dir, "--resume"])
         case.update(resume_exit=proc.returncode, resumed=train_lines(proc.stdout, "resum"),
                     log_equals_unbroken=comparable(log_of(run_dir)) == comparable(log_of(unbroken)),
@@ -180,7 +195,7 @@ def main():
 
     if "ctrlc" in cases:
         run_dir = os.path.join(out, "ctrlc")
-        case = signal_mid_epoch(launcher, run_dir, base, "epoch 1/", lambda proc: os.killpg(proc.pid, signal.SIGINT))
+        case = signal_mid_epoch(launcher, run_dir, base, 2, lambda proc: os.killpg(proc.pid, signal.SIGINT))
         proc, _ = launcher.run(2, base + ["--out_dir", run_dir, "--resume"])
         case.update(resume_exit=proc.returncode, resumed=train_lines(proc.stdout, "resum"),
                     log_equals_unbroken=comparable(log_of(run_dir)) == comparable(log_of(unbroken)))
