@@ -46,10 +46,10 @@ MODES = ("default", "paper")
 MODE_DEFAULTS = {
     "paper": {"max_warmup_fraction": 0.5, "patience": 3, "spike_threshold": None, "hold": False,
               "peak_fraction": 1.0, "max_lr_growth_per_test": None, "resume_from_argmin": False,
-              "min_epochs_before_test": 0.0},
+              "min_epochs_before_test": 0.0, "peak_highest_of_hold": False},
     "default": {"max_warmup_fraction": 0.2, "patience": 2, "spike_threshold": 6.0, "hold": True,
                 "peak_fraction": 1.0, "max_lr_growth_per_test": 1.8, "resume_from_argmin": True,
-                "min_epochs_before_test": 0.0},
+                "min_epochs_before_test": 0.0, "peak_highest_of_hold": True},
 }
 _FROM_MODE = object()  # "not given": the mode's value
 
@@ -120,6 +120,9 @@ class AutoWU:
             hold's first test predicted, not from the held LR (which was already past it).
         min_epochs_before_test: no GP test before this many epochs of losses (the paper's first test comes after
             one epoch; more frequent tests would otherwise start with a handful of noisy losses).
+        peak_highest_of_hold: a switch that ends a hold takes the highest LR any test of the hold predicted as
+            the minimum, not the last test's (losses rising under a held LR pull the GP's minimum lower;
+            ``autowu.switch``); the paper: the last test's.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int, total_epochs: int,
@@ -129,11 +132,13 @@ class AutoWU:
                  spike_threshold: Optional[float] = _FROM_MODE, gp_settings: Optional[GPTestSettings] = None,
                  gp_backend: str = "fast", seed: int = 0, mode: str = "default", hold: bool = _FROM_MODE,
                  peak_fraction: float = _FROM_MODE, max_lr_growth_per_test: Optional[float] = _FROM_MODE,
-                 resume_from_argmin: bool = _FROM_MODE, min_epochs_before_test: float = _FROM_MODE):
+                 resume_from_argmin: bool = _FROM_MODE, min_epochs_before_test: float = _FROM_MODE,
+                 peak_highest_of_hold: bool = _FROM_MODE):
         self.mode = _choice("mode", mode, MODES)
         given = dict(max_warmup_fraction=max_warmup_fraction, patience=patience, spike_threshold=spike_threshold,
                      hold=hold, peak_fraction=peak_fraction, max_lr_growth_per_test=max_lr_growth_per_test,
-                     resume_from_argmin=resume_from_argmin, min_epochs_before_test=min_epochs_before_test)
+                     resume_from_argmin=resume_from_argmin, min_epochs_before_test=min_epochs_before_test,
+                     peak_highest_of_hold=peak_highest_of_hold)
         options = {k: MODE_DEFAULTS[self.mode][k] if v is _FROM_MODE else v for k, v in given.items()}
         max_warmup_fraction = options["max_warmup_fraction"]
         if int(steps_per_epoch) != steps_per_epoch or steps_per_epoch < 1:
@@ -172,7 +177,7 @@ class AutoWU:
         self.spike_threshold = options["spike_threshold"]
         self.max_lr_growth_per_test = growth
         self.rule = SwitchRule(options["patience"], options["hold"], options["peak_fraction"],
-                               options["resume_from_argmin"])
+                               options["resume_from_argmin"], options["peak_highest_of_hold"])
         self.patience = self.rule.patience
         self.resume_from_argmin = self.rule.resume_from_argmin
         self.gp_backend = _choice("gp_backend", gp_backend, GP_BACKENDS)
@@ -402,6 +407,7 @@ class AutoWU:
             "switch_curve": self.switch_curve, "rule": {"passes_in_row": decisions["passes_in_row"]},
             "holds": decisions["holds"], "rewinds": decisions["rewinds"],
             "hold_argmin_lr": decisions["hold_argmin_lr"],
+            "hold_highest_argmin_lr": decisions["hold_highest_argmin_lr"],
             "num_reduced": self._num_reduced, "gp_hyperparameters": self._hyper.state_dict(),
             "generator_state": self._generator.get_state(), "losses": losses,
             "settings": self.state_dict_settings(),
@@ -416,7 +422,8 @@ class AutoWU:
                 "cooldown_fraction": self.cooldown_fraction, "patience": self.patience,
                 "mode": self.mode, "hold": self.rule.hold, "peak_fraction": self.rule.peak_fraction,
                 "spike_threshold": self.spike_threshold, "test_every": self.test_every,
-                "resume_from_argmin": self.resume_from_argmin, "first_test_step": self.first_test_step}
+                "resume_from_argmin": self.resume_from_argmin, "first_test_step": self.first_test_step,
+                "peak_highest_of_hold": self.rule.peak_highest_of_hold}
 
     def load_state_dict(self, state: Dict) -> None:
         mine = self.state_dict_settings()
@@ -433,6 +440,8 @@ class AutoWU:
         self.rule.load_state_dict({"passes_in_row": rule["passes_in_row"], "holds": state.get("holds", []),
                                    "rewinds": state.get("rewinds", []),
                                    "hold_argmin_lr": state.get("hold_argmin_lr"),
+                                   "hold_highest_argmin_lr": state.get("hold_highest_argmin_lr",
+                                                                       state.get("hold_argmin_lr")),
                                    "switch_step": state["switch_step"], "peak_lr": state["peak_lr"]})
         self._num_reduced = int(state["num_reduced"])
         self._hyper = GPHyperparameters.from_state_dict(state["gp_hyperparameters"])
