@@ -17,8 +17,8 @@ decisions into LRs.
   a function of the step, moves its minimum earlier (to a lower LR): on digits_cnn_adamp the confirming test's
   minimum was below the first one's in 8 of 10 seeds (0.0108 against 0.0136, 0.0173 against 0.0333), and the
   runs that switched lower ended lower. Where the loss still falls under the held LR the confirming test's
-  minimum is the higher one and is taken as before. The result never exceeds the held LR, at which the run has
-  trained through the hold.
+  minimum is the higher one and is taken as before. Each is an LR of steps the run has already taken (the GP
+  places its minimum among the steps seen).
 - ``peak_fraction``: the post-switch LR is this fraction of the LR at the GP's predicted minimum.
 """
 from __future__ import annotations

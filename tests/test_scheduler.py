@@ -174,7 +174,7 @@ def test_a_switch_after_a_hold_takes_the_highest_minimum_of_the_hold_on_a_record
     assert runs[False].peak_lr == pytest.approx(recorded["peak_lr"], rel=1e-9) == runs[False].history[-1]["argmin_lr"]
     assert runs[True].peak_lr == runs[True].history[-2]["argmin_lr"]
     assert runs[True].peak_lr == pytest.approx(recorded["peak_lr_with_peak_highest_of_hold"], rel=1e-9)
-    assert runs[True].peak_lr <= runs[True].history[-2]["lr"]  # never above the LR the run held
+    assert runs[True].peak_lr <= runs[True].history[-2]["lr"]  # here below the LR the run held
     assert make().rule.peak_highest_of_hold and not make(mode="paper").rule.peak_highest_of_hold
 
 
