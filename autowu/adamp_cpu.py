@@ -296,9 +296,10 @@ def _decide(sums, rows, n, eps, delta):
 @njit(inline="always", fastmath={"reassoc", "contract", "nsz"})
 def _adam_row(param, grad, exp_avg, exp_avg_sq, a, n, view, param_param, q_row, beta1, beta2, eps,
               sqrt_bias_correction2, nesterov, step_size, d):
-    """One row's Adam moments and update direction; returns its param.perturb. Without a projection (or with the
-    layer view, applied afterwards) the row is updated in the same loop; with the channel view after it, from
-    the row's update direction kept in ``q_row`` (in the L1 cache)."""
+    """One row's Adam moments and update direction; returns its param.perturb (0 without a projection, where
+    nothing uses it). Without a projection the row is updated in the same loop; with the channel view right
+    after it, from the row's update direction kept in ``q_row`` (in the L1 cache); with the layer view later, by
+    ``_apply_rows``, once the whole parameter's coefficient is known."""
     constants = _adam_constants(beta1, beta2, eps, sqrt_bias_correction2, nesterov)
     lr = np.float32(step_size)
     gs, ps, ms, vs = grad[a:a + n], param[a:a + n], exp_avg[a:a + n], exp_avg_sq[a:a + n]
