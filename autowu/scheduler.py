@@ -402,12 +402,10 @@ class AutoWU:
             losses = self._losses[:self.last_step].detach().cpu().clone()
         decisions = self.rule.state_dict()
         return {
+            # switch_step and peak_lr: for whoever reads a checkpoint; "rule" is what load_state_dict restores
             "last_step": self.last_step, "phase": self.phase, "switch_step": decisions["switch_step"],
             "peak_lr": decisions["peak_lr"], "history": [dict(r) for r in self.history],
-            "switch_curve": self.switch_curve, "rule": {"passes_in_row": decisions["passes_in_row"]},
-            "holds": decisions["holds"], "rewinds": decisions["rewinds"],
-            "hold_argmin_lr": decisions["hold_argmin_lr"],
-            "hold_highest_argmin_lr": decisions["hold_highest_argmin_lr"],
+            "switch_curve": self.switch_curve, "rule": decisions,
             "num_reduced": self._num_reduced, "gp_hyperparameters": self._hyper.state_dict(),
             "generator_state": self._generator.get_state(), "losses": losses,
             "settings": self.state_dict_settings(),
@@ -435,14 +433,7 @@ class AutoWU:
         self.phase = state["phase"]
         self.history = [dict(r) for r in state["history"]]
         self.switch_curve = state["switch_curve"]
-        # (Checkpoints from before the switch rule had its own state carry only the pass count.)
-        rule = state.get("rule", {"passes_in_row": state.get("passes_in_row", 0)})
-        self.rule.load_state_dict({"passes_in_row": rule["passes_in_row"], "holds": state.get("holds", []),
-                                   "rewinds": state.get("rewinds", []),
-                                   "hold_argmin_lr": state.get("hold_argmin_lr"),
-                                   "hold_highest_argmin_lr": state.get("hold_highest_argmin_lr",
-                                                                       state.get("hold_argmin_lr")),
-                                   "switch_step": state["switch_step"], "peak_lr": state["peak_lr"]})
+        self.rule.load_state_dict(_rule_state(state))
         self._num_reduced = int(state["num_reduced"])
         self._hyper = GPHyperparameters.from_state_dict(state["gp_hyperparameters"])
         self._generator.set_state(state["generator_state"])
@@ -453,3 +444,17 @@ class AutoWU:
     def __repr__(self) -> str:
         return (f"AutoWU(phase={self.phase}, step={self.last_step}/{self.total_steps}, "
                 f"lr={self._last_lr[0]:.3g}, switch_step={self.switch_step}, peak_lr={self.peak_lr})")
+
+
+def _rule_state(state: Dict) -> Dict:
+    """The switch rule's state in an AutoWU checkpoint: ``state["rule"]`` whole, or, in checkpoints from before
+    it was saved there, put together from the top-level keys that held it (the pass count alone under "rule",
+    or at the top level in the oldest; ``SwitchRule.load_state_dict`` fills what those lack)."""
+    rule = state.get("rule", {})
+    if "holds" in rule:
+        return rule
+    legacy = {"passes_in_row": rule.get("passes_in_row", state.get("passes_in_row", 0)),
+              "switch_step": state["switch_step"], "peak_lr": state["peak_lr"]}
+    legacy.update({k: state[k] for k in ("holds", "rewinds", "hold_argmin_lr", "hold_highest_argmin_lr")
+                   if k in state})
+    return legacy

@@ -315,6 +315,33 @@ def test_resume_gives_the_identical_lr_sequence(mode, cut_epochs, spike_rate):
     assert [r["probabilities"] for r in resumed.history] == [r["probabilities"] for r in whole.history]
 
 
+@pytest.mark.parametrize("layout", ["pass_count_under_rule", "pass_count_at_top"])
+def test_checkpoints_in_earlier_layouts_resume_identically(layout):
+    """Checkpoints from before the switch rule's state was saved whole under "rule" kept its parts at the top
+    level (and, earlier still, the pass count too): cut while a pass is being confirmed, so that every part
+    matters, they resume to the same LRs and the same switch."""
+    curve = CURVES["default"]
+    whole = make(immediate_cooldown=True)
+    whole_lrs = run_scheduler(whole, curve, seed=6)
+    cut = whole.holds[-1][0] + 7
+    first = make(immediate_cooldown=True)
+    lrs = run_scheduler(first, curve, seed=6, stop_at=cut)
+    state = _roundtrip(first.state_dict())
+    rule = state.pop("rule")
+    assert rule["holds"] and rule["hold_argmin_lr"] is not None  # cut inside a hold
+    state.update({k: rule[k] for k in ("holds", "rewinds", "hold_argmin_lr", "hold_highest_argmin_lr")})
+    if layout == "pass_count_under_rule":
+        state["rule"] = {"passes_in_row": rule["passes_in_row"]}
+    else:
+        state["passes_in_row"] = rule["passes_in_row"]
+    resumed = make(immediate_cooldown=True)
+    resumed.load_state_dict(state)
+    assert resumed.rule.state_dict() == rule
+    lrs += run_scheduler(resumed, curve, seed=6)
+    assert lrs == whole_lrs
+    assert (resumed.switch_step, resumed.peak_lr) == (whole.switch_step, whole.peak_lr)
+
+
 def test_resume_refuses_other_settings():
     sched = make()
     run_scheduler(sched, CURVES["default"], stop_at=120)

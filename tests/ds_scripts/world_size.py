@@ -55,6 +55,6 @@ steps = sorted({int(s["step"]) for s in basic.state.values()})
 autowu_state = scheduler.state_dict()
 if rank == 0:
     torch.save({"params": dump, "adamp_steps": steps, "global_steps": engine.global_steps,
-                "autowu": {k: autowu_state[k] for k in ("last_step", "phase", "holds", "history", "losses")}},
+                "autowu": {k: autowu_state[k] for k in ("last_step", "phase", "rule", "history", "losses")}},
                args.dump)
 autowu_ds.end_process()  # without the interpreter's teardown, which now and then aborts a rank
