@@ -14,6 +14,10 @@ Runs per task and seed:
 - ``schedulefree`` and ``prodigy``: the tuning-free methods a user would pick instead (schedule-free AdamW/SGD,
   Defazio et al. 2024; Prodigy with cosine annealing, Mishchenko and Defazio 2024), each at its package's
   documented defaults and recommended use (``build_rival``; the ``bench`` extra installs them).
+- ``oracle`` (a diagnostic, not a method a user can run): the grid's shape (5% linear warmup, cosine) at the peak
+  LR the default chose for the same task and seed, as if that peak had been known at step 0. Its difference to the
+  default is what AutoWU's search costs, apart from the peak it finds. The default's peaks come from the default
+  runs of the same invocation (run after them) or, where ``default`` is not among ``--methods``, from ``--reuse``.
 
 Reports per task: mean and worst-seed top-1, the gap to the best grid point (mean over seeds), the switch epoch
 and peak LR of AutoWU, and the seconds spent in the scheduler. Checks the bars of issue 10.
@@ -41,6 +45,7 @@ from autowu import AutoWU  # noqa: E402
 
 AUTOWU_METHODS = ("paper", "default")
 RIVALS = ("schedulefree", "prodigy")
+DIAGNOSTICS = ("oracle",)
 ADAM_GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 SGD_GRID = [3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0]
 GRID_WARMUP_FRACTION = 0.05
@@ -174,7 +179,7 @@ def run(task_name: str, seed: int, method: str, peak_lr: Optional[float] = None,
     if method in RIVALS:
         if hasattr(optimizer, "train"):
             optimizer.train()  # schedule-free: gradients at y (the training point)
-    elif method == "grid":
+    elif method in ("grid", "oracle"):
         scheduler = GridSchedule(optimizer, total_steps, peak_lr)
     else:
         scheduler = AutoWU(optimizer, steps_per_epoch, task.epochs, immediate_cooldown=True,
@@ -247,6 +252,15 @@ def _run_star(args):
     return run(*args)
 
 
+def paired(a: Dict[int, float], b: Dict[int, float]) -> Tuple[float, float]:
+    """Mean over the seeds both have of a - b, and its standard error (same seed: same initialisation and batch
+    order, so the seed-to-seed spread cancels)."""
+    diffs = [a[s] - b[s] for s in a if s in b]
+    if not diffs:
+        return math.nan, math.nan
+    return statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+
+
 def summarise(results: List[Dict]) -> Dict:
     by = {}
     for r in results:
@@ -262,7 +276,7 @@ def summarise(results: List[Dict]) -> Dict:
         best_lr = max(grid_means, key=grid_means.get) if grid_means else None
         entry = {"grid": {f"{lr:g}": m for lr, m in sorted(grid_means.items())}, "best_grid_lr": best_lr,
                  "best_grid_top1": grid_means.get(best_lr), "methods": {}}
-        for method in AUTOWU_METHODS + RIVALS:
+        for method in AUTOWU_METHODS + RIVALS + DIAGNOSTICS:
             mine = {r["seed"]: r for r in runs if r["method"] == method}
             if not mine:
                 continue
@@ -282,6 +296,12 @@ def summarise(results: List[Dict]) -> Dict:
         if rivals and "default" in entry["methods"]:
             entry["best_rival"] = max(rivals, key=rivals.get)
             entry["default_minus_best_rival"] = entry["methods"]["default"]["mean_top1"] - rivals[entry["best_rival"]]
+            entry["default_minus_best_rival_paired_se"] = paired(entry["methods"]["default"]["per_seed"],
+                                                                 entry["methods"][entry["best_rival"]]["per_seed"])[1]
+        if "oracle" in entry["methods"] and "default" in entry["methods"]:
+            # what the search costs: the default's own peaks, known from step 0, against the default
+            entry["oracle_minus_default"], entry["oracle_minus_default_paired_se"] = paired(
+                entry["methods"]["oracle"]["per_seed"], entry["methods"]["default"]["per_seed"])
         if "paper" in entry["methods"] and "default" in entry["methods"]:
             p, d = entry["methods"]["paper"]["per_seed"], entry["methods"]["default"]["per_seed"]
             entry["worst_below_paper"] = max(p[s] - d[s] for s in p if s in d)
@@ -322,11 +342,21 @@ def table(summary: Dict) -> str:
     return "\n".join(lines)
 
 
+def _run_all(pool, jobs, results: List[Dict]) -> None:
+    for i, result in enumerate(pool.imap_unordered(_run_star, jobs)):
+        results.append(result)
+        what = f"lr {result['peak_lr']:g}" if result["method"] in ("grid", "oracle") + RIVALS else (
+            f"switch epoch {result['switch_epoch']}, peak LR {result['peak_lr']:.3g}")
+        print(f"[{i + 1}/{len(jobs)}] {result['task']} seed {result['seed']} {result['method']}: "
+              f"top-1 {result['top1']:.2f}, {what}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--methods", default="paper,default,grid,schedulefree,prodigy")
+    parser.add_argument("--methods", default="paper,default,grid,schedulefree,prodigy",
+                        help="any of paper, default, grid, schedulefree, prodigy and the diagnostic oracle")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", default=None, help="JSON with every run, the summary and the bars")
     parser.add_argument("--autowu", default=None, help="JSON of AutoWU keyword arguments for the default runs "
@@ -334,27 +364,36 @@ def main():
     parser.add_argument("--reuse", default=None,
                         help="a JSON written by --out whose runs of the methods not run now are taken over")
     args = parser.parse_args()
-    jobs = []
-    for task in args.tasks.split(","):
-        for seed in map(int, args.seeds.split(",")):
-            for method in args.methods.split(","):
-                if method == "grid":
-                    jobs += [(task, seed, "grid", lr) for lr in TASKS[task].grid]
-                else:
-                    jobs.append((task, seed, method, None, json.loads(args.autowu) if args.autowu else None))
-    started = time.perf_counter()
-    with Pool(args.workers) as pool:
-        results = []
-        for i, result in enumerate(pool.imap_unordered(_run_star, jobs)):
-            results.append(result)
-            what = f"lr {result['peak_lr']:g}" if result["method"] in ("grid",) + RIVALS else (
-                f"switch epoch {result['switch_epoch']}, peak LR {result['peak_lr']:.3g}")
-            print(f"[{i + 1}/{len(jobs)}] {result['task']} seed {result['seed']} {result['method']}: "
-                  f"top-1 {result['top1']:.2f}, {what}", flush=True)
+    methods, tasks = args.methods.split(","), args.tasks.split(",")
+    seeds = list(map(int, args.seeds.split(",")))
+    unknown = set(methods) - set(AUTOWU_METHODS + RIVALS + DIAGNOSTICS + ("grid",))
+    if unknown or set(tasks) - set(TASKS):
+        parser.error(f"unknown methods {sorted(unknown)} or tasks {sorted(set(tasks) - set(TASKS))}")
+    earlier = []
     if args.reuse:
         with open(args.reuse) as f:
             earlier = json.load(f)["results"]
-        methods, tasks = set(args.methods.split(",")), set(args.tasks.split(","))
+    jobs = []
+    for task in tasks:
+        for seed in seeds:
+            for method in methods:
+                if method == "grid":
+                    jobs += [(task, seed, "grid", lr) for lr in TASKS[task].grid]
+                elif method not in DIAGNOSTICS:
+                    jobs.append((task, seed, method, None, json.loads(args.autowu) if args.autowu else None))
+    started = time.perf_counter()
+    results = []
+    with Pool(args.workers) as pool:
+        _run_all(pool, jobs, results)
+        if "oracle" in methods:  # after the default runs whose peaks it takes
+            peaks = {(r["task"], r["seed"]): r["peak_lr"] for r in
+                     (results if "default" in methods else earlier) if r["method"] == "default"}
+            missing = [(t, s) for t in tasks for s in seeds if (t, s) not in peaks]
+            if missing:
+                parser.error(f"oracle: no default run to take the peak from for {missing[:3]}"
+                             f"{' ...' if len(missing) > 3 else ''} (run default too, or --reuse a file with them)")
+            _run_all(pool, [(t, s, "oracle", peaks[(t, s)]) for t in tasks for s in seeds], results)
+    if args.reuse:
         results += [r for r in earlier if r["method"] not in methods and r["task"] in tasks]
     summary = summarise(results)
     checks = bars(summary)
