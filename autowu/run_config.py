@@ -10,6 +10,7 @@ level. What the launcher fills in: ``gradient_accumulation_steps`` (``resolve_ba
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -110,3 +111,20 @@ def resolve_schedule_steps(config: Dict[str, Any], total_steps: int, source: str
         elif isinstance(params.get(key), str):
             raise ValueError(f"{source}: scheduler {block.get('type')}: {key} must be a number or \"auto\", "
                              f"got {params[key]!r}")
+
+
+def warmup_cosine_rerun(config: Dict[str, Any], peak_lr: float) -> Dict[str, Any]:
+    """``config`` (a whole ``ds_configs/`` file, "train" block included) with AutoWU's search replaced by what it
+    found: DeepSpeed's WarmupCosineLR to ``peak_lr``, a linear warmup over the "auto" 5% of the run and a cosine
+    to 0 (``resolve_schedule_steps``), the shape of the scheduler benchmark's grid. On its digits tasks this at
+    another seed's AutoWU peak was at or above AutoWU on four of five tasks (``benchmarks/RESULTS.md``): the
+    search's time comes back, at the price of the first run."""
+    if not peak_lr > 0:
+        raise ValueError(f"warmup_cosine_rerun: a peak LR > 0 is needed, got {peak_lr!r}")
+    rerun = copy.deepcopy(config)
+    optimizer = rerun.get("optimizer") or {}
+    rerun["optimizer"] = {**optimizer, "params": {**optimizer.get("params", {}), "lr": float(peak_lr)}}
+    rerun["scheduler"] = {"type": "WarmupCosineLR",
+                          "params": {"total_num_steps": "auto", "warmup_num_steps": "auto", "warmup_min_ratio": 0.0,
+                                     "cos_min_ratio": 0.0, "warmup_type": "linear"}}
+    return rerun

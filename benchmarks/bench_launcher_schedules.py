@@ -6,7 +6,10 @@ Each run is the main job: ``deepspeed --num_gpus 2 launch/train.py`` on the embe
 - ``ds_configs/cpu_digits.json``: AutoWU's default (it picks the warmup and the peak LR);
 - ``ds_configs/cpu_digits_cosine.json`` with its AdamP ``lr`` set to each peak of the grid: DeepSpeed's
   ``WarmupCosineLR`` (linear warmup over the launcher's "auto" share of the run, cosine to 0): the tuned
-  reference a DeepSpeed user would sweep.
+  reference a DeepSpeed user would sweep;
+- ``rerun``: the ``warmup_cosine.json`` an AutoWU run writes (that schedule at the peak AutoWU found), as a user
+  trains the recipe again: seed s runs the file of the AutoWU run of the next seed in ``--seeds`` (cyclically),
+  so its peak was found on another initialisation and data order.
 
 Every run for each ``--seeds`` (the launcher's ``--seed``: model initialisation and data order). Reports the
 final top-1 (359 validation images: one image is 0.28 points) per run, the mean per method and the gap of
@@ -45,15 +48,35 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--grid", default=",".join(map(str, GRID)))
+    parser.add_argument("--methods", default="autowu,rerun,warmup_cosine")
+    parser.add_argument("--reuse", default=None,
+                        help="a JSON written by --out whose runs of the methods not run now are taken over")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    methods, seeds = args.methods.split(","), list(map(int, args.seeds.split(",")))
+    if set(methods) - {"autowu", "rerun", "warmup_cosine"}:
+        parser.error(f"unknown methods {sorted(set(methods) - {'autowu', 'rerun', 'warmup_cosine'})}")
+    if "rerun" in methods and ("autowu" not in methods or len(seeds) < 2):
+        parser.error("rerun needs the autowu runs of this invocation and at least 2 seeds")
     with open(os.path.join(REPO, "ds_configs", "cpu_digits_cosine.json")) as f:
         cosine = json.load(f)
     results = []
+
+    def record(method, peak, seed, final, **extra):
+        result = {"method": method, "peak_lr": peak if peak is not None else final.get("peak_lr"), "seed": seed,
+                  "top1": final["top1"] * 100, "switch_step": final.get("switch_step"),
+                  "seconds": final["seconds"], **extra}
+        results.append(result)
+        print(f"seed {seed} {method} peak {result['peak_lr']:.3g}: top-1 {result['top1']:.2f} "
+              f"({result['seconds']:.0f} s)", flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in map(int, args.seeds.split(",")):
-            jobs = [("autowu", None, os.path.join(REPO, "ds_configs", "cpu_digits.json"))]
-            for peak in map(float, args.grid.split(",")):
+        rerun_configs = {}
+        for seed in seeds:
+            jobs = []
+            if "autowu" in methods:
+                jobs.append(("autowu", None, os.path.join(REPO, "ds_configs", "cpu_digits.json")))
+            for peak in map(float, args.grid.split(",") if "warmup_cosine" in methods else []):
                 config = json.loads(json.dumps(cosine))
                 config["optimizer"]["params"]["lr"] = peak
                 path = os.path.join(tmp, f"cosine_{peak:g}.json")
@@ -62,22 +85,41 @@ def main():
                 jobs.append(("warmup_cosine", peak, path))
             for method, peak, path in jobs:
                 final = run(path, seed, os.path.join(tmp, f"{method}_{peak}_{seed}"))
-                result = {"method": method, "peak_lr": peak if peak is not None else final.get("peak_lr"),
-                          "seed": seed, "top1": final["top1"] * 100, "switch_step": final.get("switch_step"),
-                          "seconds": final["seconds"]}
-                results.append(result)
-                print(f"seed {seed} {method} peak {result['peak_lr']:.3g}: top-1 {result['top1']:.2f} "
-                      f"({result['seconds']:.0f} s)", flush=True)
+                if method == "autowu":
+                    rerun_configs[seed] = final.get("rerun_config")
+                record(method, peak, seed, final)
+        if "rerun" in methods:
+            for i, seed in enumerate(seeds):
+                found_by = seeds[(i + 1) % len(seeds)]
+                path = rerun_configs[found_by]
+                if path is None:
+                    raise RuntimeError(f"the AutoWU run of seed {found_by} did not switch: no rerun config")
+                with open(path) as f:
+                    peak = json.load(f)["optimizer"]["params"]["lr"]
+                record("rerun", peak, seed, run(path, seed, os.path.join(tmp, f"rerun_{seed}")),
+                       peak_found_by_seed=found_by)
+    if args.reuse:
+        with open(args.reuse) as f:
+            results += [r for r in json.load(f)["results"] if r["method"] not in methods]
     grid = {}
     for r in results:
         if r["method"] == "warmup_cosine":
             grid.setdefault(r["peak_lr"], []).append(r["top1"])
     grid_means = {peak: statistics.mean(v) for peak, v in grid.items()}
-    best = max(grid_means, key=grid_means.get)
-    autowu = [r["top1"] for r in results if r["method"] == "autowu"]
+    best = max(grid_means, key=grid_means.get) if grid_means else None
+    autowu = {r["seed"]: r["top1"] for r in results if r["method"] == "autowu"}
+    reruns = {r["seed"]: r["top1"] for r in results if r["method"] == "rerun"}
     summary = {"grid_means": {f"{k:g}": v for k, v in sorted(grid_means.items())}, "best_grid_peak": best,
-               "best_grid_top1": grid_means[best], "autowu_mean_top1": statistics.mean(autowu),
-               "autowu_per_seed": autowu, "autowu_gap_to_best_grid": grid_means[best] - statistics.mean(autowu)}
+               "grid_seeds": sorted({r["seed"] for r in results if r["method"] == "warmup_cosine"}),
+               "best_grid_top1": grid_means.get(best), "autowu_mean_top1": statistics.mean(autowu.values()),
+               "autowu_per_seed": autowu,
+               "autowu_gap_to_best_grid": grid_means[best] - statistics.mean(autowu.values()) if grid else None}
+    if reruns:
+        diffs = [reruns[s] - autowu[s] for s in reruns if s in autowu]
+        summary.update(rerun_mean_top1=statistics.mean(reruns.values()), rerun_per_seed=reruns,
+                       rerun_minus_autowu=statistics.mean(diffs),
+                       rerun_minus_autowu_paired_se=(statistics.stdev(diffs) / len(diffs) ** 0.5
+                                                     if len(diffs) > 1 else None))
     print(json.dumps(summary, indent=1))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -18,6 +18,9 @@ Runs per task and seed:
   LR the default chose for the same task and seed, as if that peak had been known at step 0. Its difference to the
   default is what AutoWU's search costs, apart from the peak it finds. The default's peaks come from the default
   runs of the same invocation (run after them) or, where ``default`` is not among ``--methods``, from ``--reuse``.
+- ``rerun``: the same shape at the peak the default found for the *next* seed of ``--seeds`` (cyclically): what a
+  user gets by training the recipe again from the ``warmup_cosine.json`` an AutoWU run writes, at the price of
+  that first run.
 
 Reports per task: mean and worst-seed top-1, the gap to the best grid point (mean over seeds), the switch epoch
 and peak LR of AutoWU, and the seconds spent in the scheduler. Checks the bars of issue 10.
@@ -45,7 +48,7 @@ from autowu import AutoWU  # noqa: E402
 
 AUTOWU_METHODS = ("paper", "default")
 RIVALS = ("schedulefree", "prodigy")
-DIAGNOSTICS = ("oracle",)
+DIAGNOSTICS = ("oracle", "rerun")  # the grid's shape at a default run's peak
 ADAM_GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 SGD_GRID = [3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0]
 GRID_WARMUP_FRACTION = 0.05
@@ -179,7 +182,7 @@ def run(task_name: str, seed: int, method: str, peak_lr: Optional[float] = None,
     if method in RIVALS:
         if hasattr(optimizer, "train"):
             optimizer.train()  # schedule-free: gradients at y (the training point)
-    elif method in ("grid", "oracle"):
+    elif method in ("grid",) + DIAGNOSTICS:
         scheduler = GridSchedule(optimizer, total_steps, peak_lr)
     else:
         scheduler = AutoWU(optimizer, steps_per_epoch, task.epochs, immediate_cooldown=True,
@@ -298,10 +301,15 @@ def summarise(results: List[Dict]) -> Dict:
             entry["default_minus_best_rival"] = entry["methods"]["default"]["mean_top1"] - rivals[entry["best_rival"]]
             entry["default_minus_best_rival_paired_se"] = paired(entry["methods"]["default"]["per_seed"],
                                                                  entry["methods"][entry["best_rival"]]["per_seed"])[1]
-        if "oracle" in entry["methods"] and "default" in entry["methods"]:
-            # what the search costs: the default's own peaks, known from step 0, against the default
-            entry["oracle_minus_default"], entry["oracle_minus_default_paired_se"] = paired(
-                entry["methods"]["oracle"]["per_seed"], entry["methods"]["default"]["per_seed"])
+        for method in (m for m in DIAGNOSTICS if m in entry["methods"] and "default" in entry["methods"]):
+            # oracle: what the search costs (the default's own peaks, known from step 0); rerun: what a second
+            # run at a first run's peak gets back
+            entry[f"{method}_minus_default"], entry[f"{method}_minus_default_paired_se"] = paired(
+                entry["methods"][method]["per_seed"], entry["methods"]["default"]["per_seed"])
+            if rivals:
+                best = max(rivals, key=rivals.get)
+                entry[f"{method}_minus_best_rival"], entry[f"{method}_minus_best_rival_paired_se"] = paired(
+                    entry["methods"][method]["per_seed"], entry["methods"][best]["per_seed"])
         if "paper" in entry["methods"] and "default" in entry["methods"]:
             p, d = entry["methods"]["paper"]["per_seed"], entry["methods"]["default"]["per_seed"]
             entry["worst_below_paper"] = max(p[s] - d[s] for s in p if s in d)
@@ -345,7 +353,7 @@ def table(summary: Dict) -> str:
 def _run_all(pool, jobs, results: List[Dict]) -> None:
     for i, result in enumerate(pool.imap_unordered(_run_star, jobs)):
         results.append(result)
-        what = f"lr {result['peak_lr']:g}" if result["method"] in ("grid", "oracle") + RIVALS else (
+        what = f"lr {result['peak_lr']:g}" if result["method"] in ("grid",) + DIAGNOSTICS + RIVALS else (
             f"switch epoch {result['switch_epoch']}, peak LR {result['peak_lr']:.3g}")
         print(f"[{i + 1}/{len(jobs)}] {result['task']} seed {result['seed']} {result['method']}: "
               f"top-1 {result['top1']:.2f}, {what}", flush=True)
@@ -356,7 +364,8 @@ def main():
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", default="paper,default,grid,schedulefree,prodigy",
-                        help="any of paper, default, grid, schedulefree, prodigy and the diagnostic oracle")
+                        help="any of paper, default, grid, schedulefree, prodigy, and oracle and rerun (the grid's "
+                             "shape at a default run's peak)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", default=None, help="JSON with every run, the summary and the bars")
     parser.add_argument("--autowu", default=None, help="JSON of AutoWU keyword arguments for the default runs "
@@ -385,14 +394,18 @@ def main():
     results = []
     with Pool(args.workers) as pool:
         _run_all(pool, jobs, results)
-        if "oracle" in methods:  # after the default runs whose peaks it takes
+        for method in (m for m in DIAGNOSTICS if m in methods):  # after the default runs whose peaks they take
             peaks = {(r["task"], r["seed"]): r["peak_lr"] for r in
                      (results if "default" in methods else earlier) if r["method"] == "default"}
-            missing = [(t, s) for t in tasks for s in seeds if (t, s) not in peaks]
+            # oracle: the seed's own peak; rerun: the next seed's, found on another initialisation and batch order
+            found_by = {s: s if method == "oracle" else seeds[(i + 1) % len(seeds)] for i, s in enumerate(seeds)}
+            missing = [(t, found_by[s]) for t in tasks for s in seeds if (t, found_by[s]) not in peaks]
+            if method == "rerun" and len(seeds) < 2:
+                parser.error("rerun takes each seed's peak from another seed's default run: give 2 seeds or more")
             if missing:
-                parser.error(f"oracle: no default run to take the peak from for {missing[:3]}"
+                parser.error(f"{method}: no default run to take the peak from for {missing[:3]}"
                              f"{' ...' if len(missing) > 3 else ''} (run default too, or --reuse a file with them)")
-            _run_all(pool, [(t, s, "oracle", peaks[(t, s)]) for t in tasks for s in seeds], results)
+            _run_all(pool, [(t, s, method, peaks[(t, found_by[s])]) for t in tasks for s in seeds], results)
     if args.reuse:
         results += [r for r in earlier if r["method"] not in methods and r["task"] in tasks]
     summary = summarise(results)

@@ -12,13 +12,16 @@ The JSON holds DeepSpeed's settings (batch sizes, fp16, ZeRO-1, ``"optimizer": {
 ``"scheduler": {"type": "AutoWU"}``) and a ``"train"`` block (model, epochs, seed, data config;
 ``autowu/run_config.py``, whose ``cli`` settings are also options here). ``--data_dir`` holds
 ``train.beton`` and ``val.beton`` (``launch/write_betons.py``). The run directory gets the resolved config,
-``log.jsonl`` (losses, LRs, every AutoWU test, validation), DeepSpeed's TensorBoard and CSV monitors, and
-checkpoints; ``--resume`` continues from the latest one. ``launch/plot_run.py <out_dir>`` draws the run.
+``log.jsonl`` (losses, LRs, every AutoWU test, validation), DeepSpeed's TensorBoard and CSV monitors,
+checkpoints (``--resume`` continues from the latest one) and, once AutoWU has switched, ``warmup_cosine.json``:
+the same run at AutoWU's peak with a fixed warmup and cosine, to train the recipe again without the search.
+``launch/plot_run.py <out_dir>`` draws the run.
 """
 import argparse
 import atexit
 import dataclasses
 import functools
+import json
 import os
 import signal
 import sys
@@ -44,7 +47,8 @@ from autowu.checkpoints import Checkpoints  # noqa: E402
 from autowu.data import DataConfig, train_loader, val_loader  # noqa: E402
 from autowu.nodes import NodeTable, PeerWatch, local_rank, node_rank  # noqa: E402
 from autowu.preemption import StopRequests  # noqa: E402
-from autowu.run_config import RunSettings, resolve_batch, resolve_schedule_steps, split_config  # noqa: E402
+from autowu.run_config import (RunSettings, resolve_batch, resolve_schedule_steps, split_config,  # noqa: E402
+                               warmup_cosine_rerun)
 from autowu.runlog import RunLog  # noqa: E402
 from autowu.scheduler import AutoWU  # noqa: E402
 from autowu.settings import add_cli_overrides, cli_overrides  # noqa: E402
@@ -230,7 +234,8 @@ def main(argv=None):
         watch.stop()
     stop.restore()
     log_final(log, out_dir, result or evaluate(engine, val, infos["val"]["num_samples"], dtype), scheduler, autowu,
-              stopped_early=args.stop_after_epoch is not None)
+              stopped_early=args.stop_after_epoch is not None,
+              rerun=write_rerun_config(log, out_dir, args.deepspeed_config, run, autowu))
     log.close()
     autowu_ds.end_process(0)  # without the interpreter's teardown, which now and then aborts a rank
 
@@ -281,15 +286,34 @@ def log_epoch(log, engine, epoch, epochs, trained, result, seconds, autowu):
     log.scalars([("Val/top1", result.top1, engine.global_steps), ("Val/top5", result.top5, engine.global_steps)])
 
 
-def log_final(log, out_dir, result, scheduler, autowu, stopped_early):
+def write_rerun_config(log, out_dir, config_path, run, autowu):
+    """Rank 0: once AutoWU has switched, ``warmup_cosine.json`` in the run directory: this run's config (its
+    "train" block as run, command-line overrides included) with AutoWU replaced by a fixed warmup and cosine to
+    the peak it found (``autowu.run_config.warmup_cosine_rerun``), to train the recipe again without the search.
+    Returns its path, or None."""
+    if not (autowu and autowu.switch_step is not None and log.is_writer):
+        return None
+    config = autowu_ds.load_config(config_path)
+    config["train"] = dataclasses.asdict(run)
+    path = os.path.join(out_dir, "warmup_cosine.json")
+    with open(f"{path}.tmp", "w", encoding="utf-8") as f:  # renamed into place: never a half-written config
+        json.dump(warmup_cosine_rerun(config, autowu.peak_lr), f, indent=2)
+    os.replace(f"{path}.tmp", path)
+    return path
+
+
+def log_final(log, out_dir, result, scheduler, autowu, stopped_early, rerun=None):
     top1, top5 = result.top1, result.top5
     if autowu and autowu.switch_step is None and not stopped_early:
         log.line("AutoWU did not switch during this run")
     schedule = (f"AutoWU switch step {autowu.switch_step}, peak LR {autowu.peak_lr}" if autowu else
                 f"schedule {type(scheduler).__name__} (from the config)")
     log.line(f"final: top-1 {top1 * 100:.2f}% top-5 {top5 * 100:.2f}%; {schedule}; run directory {out_dir}")
+    if rerun:
+        log.line(f"to train this recipe again at AutoWU's peak LR without its search (5% warmup, cosine): "
+                 f"--deepspeed_config {rerun}")
     log.record("final", top1=top1, top5=top5, switch_step=autowu.switch_step if autowu else None,
-               peak_lr=autowu.peak_lr if autowu else None, schedule=type(scheduler).__name__)
+               peak_lr=autowu.peak_lr if autowu else None, schedule=type(scheduler).__name__, rerun_config=rerun)
 
 
 # A user's error (a config, a path, a world size, a checkpoint): one line, exit 2, no traceback from every rank.

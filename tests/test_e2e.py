@@ -54,6 +54,13 @@ def test_train_switch_accuracy_and_resume(betons, tmp_path):
     final = [r for r in records if r["kind"] == "final"][-1]
     assert final["switch_step"] == switch["step"] and final["peak_lr"] == switch["peak_lr"]
     assert final["top1"] > 0.8  # chance is 0.1
+    # The recipe again without the search: AutoWU's peak with a fixed 5% warmup and a cosine, the run as it was.
+    assert final["rerun_config"] == str(run_dir / "warmup_cosine.json")
+    assert f"--deepspeed_config {run_dir / 'warmup_cosine.json'}" in second.stdout
+    rerun = json.loads((run_dir / "warmup_cosine.json").read_text())
+    assert rerun["optimizer"]["params"]["lr"] == switch["peak_lr"]
+    assert rerun["scheduler"]["type"] == "WarmupCosineLR" and rerun["scheduler"]["params"]["warmup_type"] == "linear"
+    assert rerun["train"]["epochs"] == 30 and rerun["train"]["data_config"] == "ffcv_configs/digits_cpu.json"
     vals = [r for r in records if r["kind"] == "val"]
     assert {v["images"] for v in vals} == {359}  # every validation image once, without the padding duplicates
     assert [v["epoch"] for v in vals] == list(range(1, 31))

@@ -129,3 +129,28 @@ def test_misspelt_and_mistyped_settings_are_refused_with_the_nearest_name(tmp_pa
     # Every shipped config passes the same checks.
     for path in (REPO / "ds_configs").glob("*.json"):
         split_config(str(path))
+
+
+@pytest.mark.parametrize("name", ["cpu_digits.json", "resnet50_4k.json", "efficientnet_b0_16k.json"])
+def test_the_rerun_config_is_the_same_recipe_at_autowus_peak_with_a_fixed_warmup(tmp_path, name):
+    """What the launcher writes after AutoWU switched (warmup_cosine.json): every key of the run's config as it
+    was except the scheduler (DeepSpeed's WarmupCosineLR, linear warmup over the "auto" 5%, cosine to 0) and the
+    optimizer's LR (the peak); the launcher's own config checks accept it and fill in its step counts."""
+    from autowu.run_config import resolve_schedule_steps, warmup_cosine_rerun
+    original = json.loads((REPO / "ds_configs" / name).read_text())
+    rerun = warmup_cosine_rerun(original, 0.0123)
+    assert original == json.loads((REPO / "ds_configs" / name).read_text())  # not changed in place
+    assert {k: v for k, v in rerun.items() if k not in ("scheduler", "optimizer")} == \
+        {k: v for k, v in original.items() if k not in ("scheduler", "optimizer")}
+    assert rerun["optimizer"]["type"] == original["optimizer"]["type"]
+    assert rerun["optimizer"]["params"] == {**original["optimizer"].get("params", {}), "lr": 0.0123}
+    assert rerun["scheduler"]["type"] == "WarmupCosineLR"
+    path = tmp_path / "warmup_cosine.json"
+    path.write_text(json.dumps(rerun))
+    ds_config, run = split_config(str(path))
+    assert run == RunSettings.from_dict(original["train"], source=name)
+    resolve_schedule_steps(ds_config, 1000, str(path))
+    assert ds_config["scheduler"]["params"] == {"total_num_steps": 1000, "warmup_num_steps": 50,
+                                                "warmup_min_ratio": 0.0, "cos_min_ratio": 0.0, "warmup_type": "linear"}
+    with pytest.raises(ValueError, match="peak LR > 0"):
+        warmup_cosine_rerun(original, float("nan"))
