@@ -84,14 +84,15 @@ def main():
                     json.dump(config, f)
                 jobs.append(("warmup_cosine", peak, path))
             for method, peak, path in jobs:
-                final = run(path, seed, os.path.join(tmp, f"{method}_{peak}_{seed}"))
-                if method == "autowu":
-                    rerun_configs[seed] = final.get("rerun_config")
+                out_dir = os.path.join(tmp, f"{method}_{peak}_{seed}")
+                final = run(path, seed, out_dir)
+                if method == "autowu" and final.get("rerun_config"):  # its name in the run directory
+                    rerun_configs[seed] = os.path.join(out_dir, final["rerun_config"])
                 record(method, peak, seed, final)
         if "rerun" in methods:
             for i, seed in enumerate(seeds):
                 found_by = seeds[(i + 1) % len(seeds)]
-                path = rerun_configs[found_by]
+                path = rerun_configs.get(found_by)
                 if path is None:
                     raise RuntimeError(f"the AutoWU run of seed {found_by} did not switch: no rerun config")
                 with open(path) as f:

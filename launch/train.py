@@ -312,8 +312,10 @@ def log_final(log, out_dir, result, scheduler, autowu, stopped_early, rerun=None
     if rerun:
         log.line(f"to train this recipe again at AutoWU's peak LR without its search (5% warmup, cosine): "
                  f"--deepspeed_config {rerun}")
+    # The rerun config's name within the run directory: the log stays the same wherever the run directory is.
     log.record("final", top1=top1, top5=top5, switch_step=autowu.switch_step if autowu else None,
-               peak_lr=autowu.peak_lr if autowu else None, schedule=type(scheduler).__name__, rerun_config=rerun)
+               peak_lr=autowu.peak_lr if autowu else None, schedule=type(scheduler).__name__,
+               rerun_config=os.path.relpath(rerun, out_dir) if rerun else None)
 
 
 # A user's error (a config, a path, a world size, a checkpoint): one line, exit 2, no traceback from every rank.
