@@ -382,6 +382,15 @@ def main():
     if args.reuse:
         with open(args.reuse) as f:
             earlier = json.load(f)["results"]
+    diagnostics = [m for m in DIAGNOSTICS if m in methods]
+    if "rerun" in diagnostics and len(seeds) < 2:
+        parser.error("rerun takes each seed's peak from another seed's default run: give 2 seeds or more")
+    if diagnostics and "default" not in methods:  # their peaks from --reuse: refused now, not after the other runs
+        have = {(r["task"], r["seed"]) for r in earlier if r["method"] == "default"}
+        missing = [(t, s) for t in tasks for s in seeds if (t, s) not in have]
+        if missing:
+            parser.error(f"{', '.join(diagnostics)}: no default run to take the peak from for {missing[:3]}"
+                         f"{' ...' if len(missing) > 3 else ''} (run default too, or --reuse a file with them)")
     jobs = []
     for task in tasks:
         for seed in seeds:
@@ -394,17 +403,11 @@ def main():
     results = []
     with Pool(args.workers) as pool:
         _run_all(pool, jobs, results)
-        for method in (m for m in DIAGNOSTICS if m in methods):  # after the default runs whose peaks they take
+        for method in diagnostics:  # after the default runs whose peaks they take
             peaks = {(r["task"], r["seed"]): r["peak_lr"] for r in
                      (results if "default" in methods else earlier) if r["method"] == "default"}
             # oracle: the seed's own peak; rerun: the next seed's, found on another initialisation and batch order
             found_by = {s: s if method == "oracle" else seeds[(i + 1) % len(seeds)] for i, s in enumerate(seeds)}
-            missing = [(t, found_by[s]) for t in tasks for s in seeds if (t, found_by[s]) not in peaks]
-            if method == "rerun" and len(seeds) < 2:
-                parser.error("rerun takes each seed's peak from another seed's default run: give 2 seeds or more")
-            if missing:
-                parser.error(f"{method}: no default run to take the peak from for {missing[:3]}"
-                             f"{' ...' if len(missing) > 3 else ''} (run default too, or --reuse a file with them)")
             _run_all(pool, [(t, s, method, peaks[(t, found_by[s])]) for t in tasks for s in seeds], results)
     if args.reuse:
         results += [r for r in earlier if r["method"] not in methods and r["task"] in tasks]
