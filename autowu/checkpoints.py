@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional
 
 import torch.distributed as dist
 
+from .jsonfile import write_durably
 from .nodes import is_shared_path, local_rank, node_rank
 
 COMMIT_RECORD = "commit.json"
@@ -89,9 +90,9 @@ class Checkpoints:
                 files[relative] = os.path.getsize(path)
         record = {"tag": tag, "epoch": epoch, "global_step": global_step, "world_size": dist.get_world_size(),
                   "node": node_rank() if self.node_local else None, "files": files}
-        _write_durably(os.path.join(folder, COMMIT_RECORD), json.dumps(record, indent=1))
+        write_durably(os.path.join(folder, COMMIT_RECORD), json.dumps(record, indent=1))
         if latest:  # DeepSpeed's pointer, for its own tools (zero_to_fp32, ds_to_universal)
-            _write_durably(os.path.join(self.dir, "latest"), tag)
+            write_durably(os.path.join(self.dir, "latest"), tag)
 
     # ---------------------------------------------------------------- resuming
     def resume_tag(self) -> str:
@@ -183,21 +184,6 @@ class Checkpoints:
         if client_state is None:
             raise FileNotFoundError(f"--resume: DeepSpeed could not load {self.dir}/{tag}")
         return client_state
-
-
-def _write_durably(path: str, text: str) -> None:
-    """Write to a temporary name, flush it to the disk, rename into place, flush the folder: all or nothing."""
-    temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-    folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 def _to_universal(source: str, target: str) -> None:

@@ -45,6 +45,7 @@ from autowu.batchnorm import (gather_batchnorm_statistics, load_batchnorm_statis
                               sync_batchnorm_statistics)
 from autowu.checkpoints import Checkpoints  # noqa: E402
 from autowu.data import DataConfig, train_loader, val_loader  # noqa: E402
+from autowu.jsonfile import write_durably  # noqa: E402
 from autowu.nodes import NodeTable, PeerWatch, local_rank, node_rank  # noqa: E402
 from autowu.preemption import StopRequests  # noqa: E402
 from autowu.run_config import (RunSettings, resolve_batch, resolve_schedule_steps, split_config,  # noqa: E402
@@ -291,14 +292,13 @@ def write_rerun_config(log, out_dir, config_path, run, autowu):
     "train" block as run, command-line overrides included) with AutoWU replaced by a fixed warmup and cosine to
     the peak it found (``autowu.run_config.warmup_cosine_rerun``), to train the recipe again without the search.
     Returns its path, or None."""
-    if not (autowu and autowu.switch_step is not None and log.is_writer):
+    # (A peak that is not a positive number writes nothing: the end of a finished run is no place for an error.)
+    if not (autowu and autowu.switch_step is not None and log.is_writer and (autowu.peak_lr or 0) > 0):
         return None
     config = autowu_ds.load_config(config_path)
     config["train"] = dataclasses.asdict(run)
     path = os.path.join(out_dir, "warmup_cosine.json")
-    with open(f"{path}.tmp", "w", encoding="utf-8") as f:  # renamed into place: never a half-written config
-        json.dump(warmup_cosine_rerun(config, autowu.peak_lr), f, indent=2)
-    os.replace(f"{path}.tmp", path)
+    write_durably(path, json.dumps(warmup_cosine_rerun(config, autowu.peak_lr), indent=2))  # never half-written
     return path
 
 
