@@ -157,6 +157,7 @@ class ZeroAdamP(Optimizer):
         self._scratch: Dict[torch.Tensor, torch.Tensor] = {}  # the CPU path's update direction, reused
         self._projected_counts: Tuple[Optional[torch.Tensor], ...] = ()  # the last step's (``last_projected``)
         self._projected_reduction = None
+        self._sums: Optional[torch.Tensor] = None   # the step's partial sums, reused
 
     # ------------------------------------------------------------------ layout
     def set_layout(self, tensor: torch.Tensor, layout: FlatLayout, process_group=None) -> None:
@@ -218,12 +219,14 @@ class ZeroAdamP(Optimizer):
         process_group = next(iter(process_groups)) if process_groups else None
 
         # Adam's moments and the partial channel sums of every tensor (on the CPU path: of the rows of cut
-        # parameters only), into one buffer: one all-reduce a step.
-        sums = torch.zeros(size, dtype=torch.float32, device=work[0][0].device)
+        # parameters only), into one buffer: one all-reduce a step. None where nothing needs sums (the CPU path
+        # on one rank).
+        sums = self._sums_buffer(size, work)
         for item in work:
             p, group, _, segments, where = item
-            item[2] = self._adam_and_sums(p, group, segments, sums[where].view(4, -1))
-        reduction = dist.all_reduce(sums, group=process_group, async_op=True) if process_group else None
+            item[2] = self._adam_and_sums(p, group, segments, sums[where].view(4, -1) if sums is not None else None)
+        reduction = (dist.all_reduce(sums, group=process_group, async_op=True)
+                     if process_group and sums is not None else None)
         # The CPU path's whole parameters need nothing from the other ranks: done while the sums travel.
         projected_here = [self._whole_parameters(p, group, segments) for p, group, _, segments, _ in work
                           if self._fused(p, segments)]
@@ -257,13 +260,27 @@ class ZeroAdamP(Optimizer):
         self._count_projected(projected, projected_here, process_group)
         return loss
 
+    def _sums_buffer(self, size: int, work) -> Optional[torch.Tensor]:
+        """The step's partial-sums buffer, zeroed; kept from step to step (a new one of 4 x 27,615 floats a step
+        came from ``mmap`` and was faulted in again: 0.1 ms of a 10 ms CPU step). None when every tensor takes
+        the CPU path and no parameter is cut by its ends: its whole parameters keep their sums in the kernel's
+        own scratch."""
+        if all(self._fused(p, segments) and not segments.shares for p, _, _, segments, _ in work):
+            return None
+        device = work[0][0].device
+        if self._sums is None or self._sums.numel() != size or self._sums.device != device:
+            self._sums = torch.zeros(size, dtype=torch.float32, device=device)
+        else:
+            self._sums.zero_()
+        return self._sums
+
     @property
     def last_projected(self) -> Optional[torch.Tensor]:
         """How many parameters took the projection in the last step, over all ranks (for tests and logs)."""
         if self._projected_reduction is not None:  # the CPU path's count, all-reduced in the background
             self._projected_reduction.wait()
             self._projected_reduction = None
-        counts = [c for c in self._projected_counts if c is not None]
+        counts = [torch.as_tensor(c) for c in self._projected_counts if c is not None]
         return sum(counts[1:], counts[0]) if counts else None
 
     def _count_projected(self, projected: List[torch.Tensor], projected_here: List[int], process_group) -> None:
@@ -271,9 +288,12 @@ class ZeroAdamP(Optimizer):
         rank counts the parameters whose first element it holds) is all-reduced without waiting for it: a
         rank's step does not wait for the slowest rank to finish counting."""
         over_ranks = torch.stack(projected).sum() if projected else None
-        here = torch.tensor(sum(int(n) for n in projected_here)) if projected_here else None
-        self._projected_reduction = (dist.all_reduce(here, group=process_group, async_op=True)
-                                     if here is not None and process_group is not None else None)
+        here = sum(projected_here) if projected_here else None   # a tensor only when asked for, or to reduce
+        if here is not None and process_group is not None:
+            here = torch.tensor(here)
+            self._projected_reduction = dist.all_reduce(here, group=process_group, async_op=True)
+        else:
+            self._projected_reduction = None
         self._projected_counts = (over_ranks, here)
 
     @staticmethod
@@ -293,6 +313,10 @@ class ZeroAdamP(Optimizer):
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
         if self._fused(p, segments):
+            for moment in (state["exp_avg"], state["exp_avg_sq"]):  # the kernels take their addresses
+                if moment.dtype != torch.float32 or not moment.is_contiguous() or moment.numel() != p.numel():
+                    raise RuntimeError(f"ZeroAdamP: a moment of a {p.numel()}-element tensor is not contiguous "
+                                       f"float32 of its size ({moment.dtype}, {tuple(moment.shape)})")
             state["step"] += 1
             self._cut_rows_first_pass(p, group, segments, partial)
             return None
@@ -332,8 +356,11 @@ class ZeroAdamP(Optimizer):
         beta1, beta2 = group["betas"]
         state = self.state[p]
         lr_wd = group["lr"] * group["weight_decay"]
-        return segments.whole_parameters(torch.get_num_threads()).step(
-            _flat(p), _flat(p.grad), _flat(state["exp_avg"]), _flat(state["exp_avg_sq"]), beta1, beta2,
+        grad, exp_avg, exp_avg_sq = p.grad, state["exp_avg"], state["exp_avg_sq"]
+        # Addresses, not numpy views (each view is three torch calls, paid cold after ZeRO's passes); p and its
+        # gradient were checked by ``_fused``, the moments by ``_adam_and_sums``.
+        return segments.whole_parameters(torch.get_num_threads()).step_at(
+            p.numel(), p.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), beta1, beta2,
             group["eps"], math.sqrt(1 - beta2 ** state["step"]), bool(group["nesterov"]), group["delta"],
             group["lr"] / (1 - beta1 ** state["step"]), 1.0 - lr_wd, 1.0 - lr_wd * group["wd_ratio"])
 

@@ -373,12 +373,12 @@ def _address(typingctx, pointer):
 
 
 @intrinsic
-def _take_next(typingctx, address):
-    """Atomically: ``counter += 1``, returning the value before (each thread's next unit)."""
+def _atomic_add(typingctx, address, value):
+    """Atomically: ``counter += value``, returning the value before (with 1: each thread's next unit)."""
     def codegen(context, builder, signature, args):
         counter = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
-        return builder.atomic_rmw("add", counter, ir.Constant(ir.IntType(64), 1), "monotonic")
-    return types.int64(types.int64), codegen
+        return builder.atomic_rmw("add", counter, args[1], "monotonic")
+    return types.int64(types.int64, types.int64), codegen
 
 
 def _whole_parameters_worker(data):
@@ -394,22 +394,22 @@ def _whole_parameters_worker(data):
     row_size = carray(_pointer(block[9], np.int64), units)
     projects = carray(_pointer(block[10], np.uint8), units)
     order = carray(_pointer(block[11], np.int64), units)
-    projected = carray(_pointer(block[12], np.int64), units)
     s = carray(_pointer(block[13], np.float64), 9)
     threads, max_rows, max_row_size = block[15], block[16], block[17]
-    slot = _take_next(block[14])  # this thread's scratch
+    slot = _atomic_add(block[14], 1)  # this thread's scratch
     if slot >= threads:
         return
     sums = carray(_pointer(block[18], np.float64), (threads, 4, max_rows))[slot]
     q_row = carray(_pointer(block[19], np.float32), (threads, max_row_size))[slot]
     while True:
-        k = _take_next(block[0])
+        k = _atomic_add(block[0], 1)
         if k >= units:
             break
         u = order[k]
-        projected[u] = _one_parameter(param, grad, exp_avg, exp_avg_sq, first[u], rows[u], row_size[u],
-                                      projects[u] != 0, sums, q_row, s[0], s[1], s[2], s[3], s[4] != 0.0, s[5],
-                                      s[6], np.float32(s[7]), np.float32(s[8]))
+        if _one_parameter(param, grad, exp_avg, exp_avg_sq, first[u], rows[u], row_size[u], projects[u] != 0, sums,
+                          q_row, s[0], s[1], s[2], s[3], s[4] != 0.0, s[5], s[6], np.float32(s[7]),
+                          np.float32(s[8])):
+            _atomic_add(block[12], 1)  # the projected count (read once the team is done)
 
 
 class WholeParameters:
@@ -424,32 +424,42 @@ class WholeParameters:
         self.order = largest_first(units)
         self.tables = [np.ascontiguousarray(a, dtype=np.int64) for a in (units.first, units.rows, units.row_size)]
         self.projects = np.ascontiguousarray(units.projects, dtype=np.uint8)
-        self.projected = np.zeros(len(self.order), dtype=np.int64)   # 1 where the unit was projected
         self.scalars = np.zeros(9, dtype=np.float64)
-        self.counters = np.zeros(2, dtype=np.int64)   # the next unit to take; the next scratch slot
+        self.counters = np.zeros(3, dtype=np.int64)   # the next unit to take; the next scratch slot; projected
         max_rows, max_row_size = int(max(units.rows.max(initial=1), 1)), int(max(units.row_size.max(initial=1), 1))
         self.sums = np.empty((self.threads, 4, max_rows), dtype=np.float64)
         self.q_row = np.empty((self.threads, max_row_size), dtype=np.float32)
         self.block = np.array([self.counters.ctypes.data, 0, 0, 0, 0, 0, len(self.order)] +
                               [t.ctypes.data for t in self.tables] +
-                              [self.projects.ctypes.data, self.order.ctypes.data, self.projected.ctypes.data,
+                              [self.projects.ctypes.data, self.order.ctypes.data, self.counters.ctypes.data + 16,
                                self.scalars.ctypes.data, self.counters.ctypes.data + 8, self.threads, max_rows,
                                max_row_size, self.sums.ctypes.data, self.q_row.ctypes.data], dtype=np.int64)
         assert self.block.size == _BLOCK
 
     def step(self, param, grad, exp_avg, exp_avg_sq, beta1, beta2, eps, sqrt_bias_correction2, nesterov, delta,
              step_size, decay, decay_projected) -> int:
-        """One step of every unit; the arrays: contiguous float32 of one size. Returns how many were projected."""
+        """One step of every unit; the arrays: contiguous float32 numpy arrays of one size. Returns how many were
+        projected."""
         for name, array in (("param", param), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
             if array.dtype != np.float32 or not array.flags.c_contiguous or array.shape != param.shape:
                 raise ValueError(f"WholeParameters.step: {name} must be contiguous float32 like param")
-        self.block[1:6] = (param.size, param.ctypes.data, grad.ctypes.data, exp_avg.ctypes.data,
-                           exp_avg_sq.ctypes.data)
+        return self.step_at(param.size, param.ctypes.data, grad.ctypes.data, exp_avg.ctypes.data,
+                            exp_avg_sq.ctypes.data, beta1, beta2, eps, sqrt_bias_correction2, nesterov, delta,
+                            step_size, decay, decay_projected)
+
+    def step_at(self, numel, param, grad, exp_avg, exp_avg_sq, beta1, beta2, eps, sqrt_bias_correction2, nesterov,
+                delta, step_size, decay, decay_projected) -> int:
+        """``step`` on four float32 buffers of ``numel`` elements given by their addresses, which the caller has
+        checked. In a DeepSpeed step this Python runs right after ZeRO's passes over hundreds of MB, with the
+        caches cold: every array made and call taken costs microseconds here (ZeroAdamP's Python around a
+        ResNet-50 step was 0.75 ms inside the engine against 0.04 ms warm)."""
+        block = self.block
+        block[1], block[2], block[3], block[4], block[5] = numel, param, grad, exp_avg, exp_avg_sq
         self.scalars[:] = (beta1, beta2, eps, sqrt_bias_correction2, float(nesterov), delta, step_size, decay,
                            decay_projected)
         self.counters[:] = 0
-        run_on_torch_threads(_worker_address(), self.block.ctypes.data, self.threads)
-        return int(self.projected.sum())
+        run_on_torch_threads(_worker_address(), block.ctypes.data, self.threads)
+        return int(self.counters[2])
 
 
 _COMPILED = {}   # the worker's compiled code lives as long as this module

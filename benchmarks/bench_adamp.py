@@ -166,6 +166,17 @@ def engine_part(repeats):
         basic.step = timed_step
         engines[name] = engine, timings
 
+    # ZeroAdamP's own C call (the whole parameters' kernel on torch's threads), to tell the kernel from the Python
+    # around it: that Python runs with the caches cold after ZeRO's passes, and costs far more than it does warm.
+    import autowu.adamp_cpu as adamp_cpu
+    kernel_times, run_kernel = [], adamp_cpu.run_on_torch_threads
+
+    def timed_kernel(*args):
+        start = time.perf_counter()
+        run_kernel(*args)
+        kernel_times.append(time.perf_counter() - start)
+    adamp_cpu.run_on_torch_threads = timed_kernel
+
     def steps(name, count):
         engine, timings = engines[name]
         for _ in range(count):
@@ -178,6 +189,7 @@ def engine_part(repeats):
         steps(name, 2)
         for key in ("optimizer", "engine"):
             engines[name][1][key].clear()
+    kernel_times.clear()
     # AdamP and FusedAdam in alternating rounds: the ratio is taken under the same machine conditions (this
     # machine's speed drifts by tens of percent within minutes); torch's AdamW once, it is slow.
     rounds, ratios = max(1, repeats // 3), []
@@ -198,6 +210,14 @@ def engine_part(repeats):
                                                         results["zero1_fused_adamw_optimizer_step_ms"]["median"])
     results["adamp_over_fused_adamw_by_round"] = {"median": statistics.median(ratios), "min": min(ratios),
                                                   "max": max(ratios), "rounds": rounds}
+    adamp_steps = engines["zero1_adamp"][1]["optimizer"]
+    if len(kernel_times) == len(adamp_steps):  # one kernel call a step (a rank whose partition holds whole ones)
+        outside = [step - kernel for step, kernel in zip(adamp_steps, kernel_times)]
+        results["zero1_adamp_kernel_ms"] = {"median": statistics.median(kernel_times) * 1e3,
+                                            "min": min(kernel_times) * 1e3, "max": max(kernel_times) * 1e3}
+        results["zero1_adamp_python_around_kernel_ms"] = {"median": statistics.median(outside) * 1e3,
+                                                          "min": min(outside) * 1e3, "max": max(outside) * 1e3}
+    adamp_cpu.run_on_torch_threads = run_kernel
     results["ranks"] = world
     model = resnet50(device)
     opt = timm.optim.AdamP(model.parameters(), **ADAMP)

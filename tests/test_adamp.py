@@ -45,6 +45,24 @@ def test_whole_parameters_step_like_timms_adamp(nesterov, channels_last):
     assert all(n >= 1 for n in projected)  # the conv before BatchNorm is scale-invariant: projected
 
 
+def test_the_cpu_path_refuses_a_moment_it_cannot_step_in_place():
+    """The CPU path hands the kernel addresses, not views: a moment that is not contiguous float32 of its
+    tensor's size (a hand-edited or foreign state) is refused, never read past its end or as another type."""
+    model = conv_bn_linear()
+    opt = ZeroAdamP(model.parameters(), lr=0.01, weight_decay=0.1)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    weight = model[0].weight
+    opt.state[weight]["exp_avg"] = opt.state[weight]["exp_avg"].double()
+    with pytest.raises(RuntimeError, match="not contiguous float32"):
+        opt.step()
+    assert opt.state[weight]["step"] == 1   # refused before anything moved
+    opt.state[weight]["exp_avg"] = torch.zeros(weight.numel() - 1)
+    with pytest.raises(RuntimeError, match="not contiguous float32"):
+        opt.step()
+
+
 def test_a_flat_tensor_without_a_layout_is_refused_not_stepped_as_adam():
     weight = torch.nn.Parameter(torch.randn(4, 3))
     opt = ZeroAdamP([weight], lr=0.1)
