@@ -327,14 +327,23 @@ def _adam_row(param, grad, exp_avg, exp_avg_sq, a, n, view, param_param, q_row, 
 @njit(inline="always", fastmath={"contract"})
 def _apply_rows(param, grad, exp_avg, exp_avg_sq, a, n, c, beta1, eps, sqrt_bias_correction2, nesterov,
                 step_size, d):
-    """The layer view's update: the direction recomputed from the moments already updated."""
+    """The layer view's update: the direction recomputed from the moments already updated. Without Nesterov the
+    direction is ``exp_avg / denom`` and the gradient is not read: ``0 * g`` cannot be folded away (g might be
+    inf), so the loop read a fourth array for nothing (a quarter of this visit's traffic)."""
     _, _, _, _, e, inv_bc2, nb1, ng = _adam_constants(beta1, 0.0, eps, sqrt_bias_correction2, nesterov)
     lr = np.float32(step_size)
-    gs, ps, ms, vs = grad[a:a + n], param[a:a + n], exp_avg[a:a + n], exp_avg_sq[a:a + n]
-    for i in range(n):
-        p = ps[i]
-        q = (nb1 * ms[i] + ng * gs[i]) / (np.sqrt(vs[i]) * inv_bc2 + e)
-        ps[i] = p * d - lr * (q - c * p)
+    ps, ms, vs = param[a:a + n], exp_avg[a:a + n], exp_avg_sq[a:a + n]
+    if nesterov:
+        gs = grad[a:a + n]
+        for i in range(n):
+            p = ps[i]
+            q = (nb1 * ms[i] + ng * gs[i]) / (np.sqrt(vs[i]) * inv_bc2 + e)
+            ps[i] = p * d - lr * (q - c * p)
+    else:
+        for i in range(n):
+            p = ps[i]
+            q = ms[i] / (np.sqrt(vs[i]) * inv_bc2 + e)
+            ps[i] = p * d - lr * (q - c * p)
 
 
 # A whole parameter's step, with as little memory traffic as AdamP allows: its decision (channel view, else layer

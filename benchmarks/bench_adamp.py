@@ -3,8 +3,12 @@
 Two parts; each prints one line a measurement and, with ``--json``, writes them.
 
 ``engine`` (needs DeepSpeed; CPU here): one process (world size 1, gloo), timm's ResNet-50, fp32, ZeRO-1, a
-32 px batch of 2 (so that forward and backward stay short), median time of ``engine.step()`` (the ZeRO
-optimizer's step: gradient handling, the client optimizer, the all-gather) with
+64 px batch of 8 a rank (``--batch``, ``--image_size``: small, so that forward and backward stay short, but with
+BatchNorm statistics over 32 values a channel in the last stage, so that its gradients are the orthogonal ones of a
+real run and AdamP takes the channel view on every convolution, as on ImageNet; with a 32 px batch of 2, the
+earlier default, BatchNorm normalises 2 values, its gradients lose that orthogonality to rounding and 9 of the
+convolutions, 14.4M of the 25.6M elements, take the layer view and its extra visit), median time of
+``engine.step()`` (the ZeRO optimizer's step: gradient handling, the client optimizer, the all-gather) with
 
 - the config's ``{"type": "AdamP"}`` (autowu's ZeroAdamP, projection on ZeRO's flat partition),
 - DeepSpeed's plain Adam path, ``{"type": "AdamW", "params": {"torch_adam": true}}`` (torch's AdamW; DeepSpeed's
@@ -22,11 +26,13 @@ parameters between ZeroAdamP and timm after 5 steps; on a GPU, ZeroAdamP's step 
 """
 import argparse
 import json
+import math
 import os
 import socket
 import statistics
 import sys
 import time
+from typing import Dict
 
 import torch
 
@@ -129,7 +135,31 @@ def flat_part(device, repeats):
     return results
 
 
-def engine_part(repeats):
+def adamp_views(optimizer, delta: float) -> Dict[str, Dict[str, int]]:
+    """Which view timm's AdamP rule takes on each whole projected parameter of the rank's partitions, from their
+    current param and grad (parameters and elements by view): what the step's cost depends on."""
+    views = {v: {"parameters": 0, "elements": 0} for v in ("channel", "layer", "none")}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            segments, _ = optimizer._segments_of(p)
+            units = segments.units
+            for first, rows, n, projects in zip(units.first, units.rows, units.row_size, units.projects):
+                if not projects:
+                    continue
+                w = p.detach()[first:first + rows * n].view(rows, n).double()
+                g = p.grad[first:first + rows * n].view(rows, n).double()
+                cosine = (w * g).sum(1).abs() / (w.norm(dim=1).clamp_min(1e-8) * g.norm(dim=1).clamp_min(1e-8))
+                if cosine.max() < delta / math.sqrt(n):
+                    view = "channel"
+                else:
+                    layer = (w * g).sum().abs() / (w.norm().clamp_min(1e-8) * g.norm().clamp_min(1e-8))
+                    view = "layer" if layer < delta / math.sqrt(n * rows) else "none"
+                views[view]["parameters"] += 1
+                views[view]["elements"] += int(rows * n)
+    return views
+
+
+def engine_part(repeats, batch, image_size):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -143,22 +173,26 @@ def engine_part(repeats):
     atexit.register(autowu_ds.remove_cpu_shm_buffers, os.environ["MASTER_PORT"], os.environ.get("LOCAL_RANK", "0"))
     deepspeed.init_distributed(dist_backend="gloo")
     device = torch.device("cpu")
-    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 1000, (2,))
+    x, y = torch.randn(batch, 3, image_size, image_size), torch.randint(0, 1000, (batch,))
     results = {}
     world = torch.distributed.get_world_size()
     engines = {}
+    views_at = {"next": False, "views": None}
     for name, block in (("zero1_adamp", {"type": "AdamP", "params": ADAMP}),
                         ("zero1_fused_adamw", {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1}}),
                         ("zero1_plain_adamw", {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1,
                                                                            "torch_adam": True}})):
-        config = {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 2 * world,
+        config = {"train_micro_batch_size_per_gpu": batch, "train_batch_size": batch * world,
                   "zero_optimization": {"stage": 1}, "steps_per_print": 10 ** 9, "optimizer": block}
         engine, *_ = autowu_ds.initialize(model=resnet50(device), config=config)
         # The client optimizer's step alone, as the engine calls it on this rank's ZeRO-1 partition.
         basic = engine.optimizer.optimizer
         timings = {"optimizer": [], "engine": [], "class": f"{type(basic).__module__}.{type(basic).__name__}"}
 
-        def timed_step(*args, inner_step=basic.step, optimizer_times=timings["optimizer"], **kwargs):
+        def timed_step(*args, inner_step=basic.step, optimizer_times=timings["optimizer"], optimizer=basic,
+                       **kwargs):
+            if views_at["next"] and isinstance(optimizer, ZeroAdamP):
+                views_at["views"], views_at["next"] = adamp_views(optimizer, ADAMP["delta"]), False
             start = time.perf_counter()
             out = inner_step(*args, **kwargs)
             optimizer_times.append(time.perf_counter() - start)
@@ -218,7 +252,11 @@ def engine_part(repeats):
         results["zero1_adamp_python_around_kernel_ms"] = {"median": statistics.median(outside) * 1e3,
                                                           "min": min(outside) * 1e3, "max": max(outside) * 1e3}
     adamp_cpu.run_on_torch_threads = run_kernel
+    views_at["next"] = True   # one more step, whose gradients are classified (outside its timing)
+    steps("zero1_adamp", 1)
+    results["zero1_adamp_views_of_whole_parameters"] = views_at["views"]
     results["ranks"] = world
+    results["batch_per_rank"], results["image_size"] = batch, image_size
     model = resnet50(device)
     opt = timm.optim.AdamP(model.parameters(), **ADAMP)
     step_times = []
@@ -239,6 +277,8 @@ def main():
     parser.add_argument("part", choices=["engine", "flat"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--batch", type=int, default=8, help="engine part: images a rank")
+    parser.add_argument("--image_size", type=int, default=64, help="engine part: pixels a side")
     parser.add_argument("--json", default=None)
     parser.add_argument("--local_rank", type=int, default=0)  # under `deepspeed --num_gpus N` (engine part)
     args = parser.parse_args()
@@ -246,7 +286,7 @@ def main():
     if args.part == "flat":
         results = flat_part(torch.device(args.device), args.repeats)
     else:
-        results = engine_part(args.repeats)
+        results = engine_part(args.repeats, args.batch, args.image_size)
     results.update(torch=torch.__version__, cores=os.cpu_count(), part=args.part, device=args.device)
     if os.environ.get("RANK", "0") != "0":
         return

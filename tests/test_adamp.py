@@ -45,6 +45,49 @@ def test_whole_parameters_step_like_timms_adamp(nesterov, channels_last):
     assert all(n >= 1 for n in projected)  # the conv before BatchNorm is scale-invariant: projected
 
 
+def timm_view(weight, grad, delta=0.1, eps=1e-8):
+    """Which view timm's ``AdamP._projection`` takes for this weight and gradient."""
+    import torch.nn.functional as F
+    for name, flat in (("channel", lambda t: t.reshape(t.shape[0], -1)), ("layer", lambda t: t.reshape(1, -1))):
+        cosine = F.cosine_similarity(flat(grad), flat(weight), dim=1, eps=eps).abs()
+        if cosine.max() < delta / flat(weight).shape[1] ** 0.5:
+            return name
+    return "none"
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("view", ["channel", "layer", "none"])
+def test_each_view_of_the_cpu_path_equals_timms_adamp(view, nesterov):
+    """Gradients built to take each of AdamP's views on a (16, 3, 3, 3) weight: orthogonal to every channel
+    (channel view); orthogonal to the weight as a whole but not to its channels (layer view, whose update is a
+    visit of its own); along the weight (no projection). The CPU path equals timm's AdamP in each, with and
+    without Nesterov, and counts the projection."""
+    torch.manual_seed(0)
+    weight = torch.randn(16, 3, 3, 3)
+    w = weight.reshape(16, -1)
+    grads = []
+    for step in range(4):
+        g = torch.randn(16, 27, generator=torch.Generator().manual_seed(100 + step))
+        g -= w * ((g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True))   # orthogonal to each channel
+        if view == "layer":  # add +-a * w_r per channel, with sum_r a_r |w_r|^2 = 0: the whole stays orthogonal
+            signs = torch.tensor([1.0, -1.0] * 8).unsqueeze(1)
+            g += 0.5 * signs * w / (w * w).sum(1, keepdim=True).sqrt()
+            g -= w * ((g * w).sum() / (w * w).sum())
+        elif view == "none":
+            g += 0.5 * w
+        grads.append(g.reshape(weight.shape))
+    ours, theirs = torch.nn.Parameter(weight.clone()), torch.nn.Parameter(weight.clone())
+    opt = ZeroAdamP([ours], lr=0.01, weight_decay=0.1, nesterov=nesterov)
+    reference = timm.optim.AdamP([theirs], lr=0.01, weight_decay=0.1, nesterov=nesterov)
+    for g in grads:
+        assert timm_view(theirs.detach(), g) == view   # the gradient takes the view it was built for
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        opt.step()
+        reference.step()
+        assert int(opt.last_projected) == (0 if view == "none" else 1)
+    assert ((ours - theirs).norm() / theirs.norm()).item() < 1e-6
+
+
 def test_the_cpu_path_refuses_a_moment_it_cannot_step_in_place():
     """The CPU path hands the kernel addresses, not views: a moment that is not contiguous float32 of its
     tensor's size (a hand-edited or foreign state) is refused, never read past its end or as another type."""
