@@ -6,8 +6,8 @@ Two parts; each prints one line a measurement and, with ``--json``, writes them.
 64 px batch of 8 a rank (``--batch``, ``--image_size``: small, so that forward and backward stay short, but with
 BatchNorm statistics over 32 values a channel in the last stage, so that its gradients are the orthogonal ones of a
 real run and AdamP takes the channel view on every convolution, as on ImageNet; with a 32 px batch of 2, the
-earlier default, BatchNorm normalises 2 values, its gradients lose that orthogonality to rounding and 9 of the
-convolutions, 14.4M of the 25.6M elements, take the layer view and its extra visit), median time of
+earlier default, BatchNorm normalises 2 values, its gradients lose that orthogonality to rounding, and in one
+draw 9 of the convolutions, 14.4M of the 25.6M elements, took the layer view and its extra visit), median time of
 ``engine.step()`` (the ZeRO optimizer's step: gradient handling, the client optimizer, the all-gather) with
 
 - the config's ``{"type": "AdamP"}`` (autowu's ZeroAdamP, projection on ZeRO's flat partition),
