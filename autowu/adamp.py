@@ -359,7 +359,7 @@ class ZeroAdamP(Optimizer):
         grad, exp_avg, exp_avg_sq = p.grad, state["exp_avg"], state["exp_avg_sq"]
         # Addresses, not numpy views (each view is three torch calls, paid cold after ZeRO's passes); p and its
         # gradient were checked by ``_fused``, the moments by ``_adam_and_sums``.
-        return segments.whole_parameters(torch.get_num_threads()).step_at(
+        return segments.whole_parameters(torch.get_num_threads()).step(
             p.numel(), p.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), beta1, beta2,
             group["eps"], math.sqrt(1 - beta2 ** state["step"]), bool(group["nesterov"]), group["delta"],
             group["lr"] / (1 - beta1 ** state["step"]), 1.0 - lr_wd, 1.0 - lr_wd * group["wd_ratio"])
