@@ -2,10 +2,12 @@
 
 A flat tensor (a ZeRO partition, or a whole parameter) holds whole parameters and, at its ends, parts of
 parameters that a partition boundary cuts. A whole parameter's AdamP decision needs only its own elements and
-only grad.param, grad.grad and param.param of each channel ("row"), so ``WholeParameters`` reads param
-and grad once to decide, then gives each row Adam's moments, its update direction and its param.perturb sum
-and updates it while it is in the L1 cache (a layer-view projection, whose coefficient is the whole
-parameter's, visits it once more). The parameters run on torch's own OpenMP threads, largest first, each done
+only grad.param, grad.grad and param.param of each channel ("row"). The channel view, the one a real network's
+convolutions take, holds when every row's cosine is under a bound, and then each row's update needs only that
+row's sums; so ``WholeParameters`` steps each row in the channel view as it reaches it (sums, cosine, Adam's
+moments, update direction, update, all while the row is in the L1 cache), reading and writing the parameter
+once, as a fused Adam does. A row over the bound ends that: the rows before it are taken back and the parameter
+takes the view its sums give (the layer view, whose coefficient is the whole parameter's, visits it once more). The parameters run on torch's own OpenMP threads, largest first, each done
 by one thread in one fixed order: the result does not depend on the number of threads. A rank's whole
 parameters need nothing from the other ranks, so they run while the cut rows' sums are all-reduced.
 
@@ -243,27 +245,48 @@ def _one_parameter(param, grad, exp_avg, exp_avg_sq, a0, rows, n, projects, sums
                    sqrt_bias_correction2, nesterov, delta, step_size, decay, decay_projected):
     """``sums`` (4 x at least ``rows``, float64) and ``q_row`` (at least ``n``, float32): the calling thread's
     scratch. Nothing is allocated here: in a thread of torch's team, malloc's per-thread arena gave memory back
-    to the system and faulted it in again at every parameter (36 ms a ResNet-50 step instead of 16)."""
-    view = _NO_PROJECTION
-    if projects:
-        # Last row first, each row backwards: the rows the next visit starts with are the ones just read, still
-        # in L2/L3 (row by row backwards with each row forwards defeated the prefetcher: 25% slower).
-        for r in range(rows - 1, -1, -1):
-            a = a0 + r * n
-            gs, ps = grad[a:a + n], param[a:a + n]
-            grad_param = grad_grad = param_param = 0.0
-            for i in range(n - 1, -1, -1):
-                g, p = gs[i], ps[i]
-                grad_param += np.float64(g * p)
-                grad_grad += np.float64(g * g)
-                param_param += np.float64(p * p)
-            sums[0, r], sums[1, r], sums[2, r] = grad_param, grad_grad, param_param
-        view = _decide(sums, rows, n, eps, delta)
+    to the system and faulted it in again at every parameter (36 ms a ResNet-50 step instead of 16).
+
+    A projected parameter is first stepped as if it took the channel view, each row in one visit: its sums, its
+    cosine, Adam's moments, its update direction and its update while the row is in the L1 cache. The channel view
+    holds if every row's cosine is under the bound, and each row's own cosine and coefficient are all it needs,
+    so a parameter that takes it (every convolution of a real ResNet-50 step) is read and written once, as a fused
+    Adam does: no pass to decide first. The first row over the bound shows that the guess was wrong; the rows
+    already updated are taken back (``_undo_channel_row``), the rest of the rows summed, and the parameter
+    stepped in the view ``_decide`` gives (the layer view, or none). The guess depends only on this step's
+    parameter and gradient, so a run (and a run resumed from a checkpoint) repeats bit for bit."""
+    if not projects:
+        _adam_row(param, grad, exp_avg, exp_avg_sq, a0, rows * n, _NO_PROJECTION, 0.0, q_row, beta1, beta2, eps,
+                  sqrt_bias_correction2, nesterov, step_size, np.float32(decay), False)
+        return 0
+    bound = delta / np.sqrt(n)
+    d_channel = np.float32(decay_projected)
+    done = 0   # rows stepped in the channel view
+    while done < rows:
+        a = a0 + done * n
+        grad_param, grad_grad, param_param = _row_sums(grad, param, a, n)
+        sums[0, done], sums[1, done], sums[2, done] = grad_param, grad_grad, param_param
+        if not abs(grad_param) / (max(np.sqrt(grad_grad), eps) * max(np.sqrt(param_param), eps)) < bound:
+            break
+        sums[3, done] = _adam_row(param, grad, exp_avg, exp_avg_sq, a, n, _CHANNEL_VIEW, param_param, q_row,
+                                  beta1, beta2, eps, sqrt_bias_correction2, nesterov, step_size, d_channel, False)
+        done += 1
+    if done == rows:
+        return 1
+    # Not the channel view: the rows stepped in it go back to their parameter's values (their moments stay
+    # updated), the others are summed, and the parameter takes the view its sums give.
+    for r in range(done):
+        coefficient = np.float32(sums[3, r] / (np.sqrt(sums[2, r]) + eps) ** 2)
+        _undo_channel_row(param, grad, exp_avg, exp_avg_sq, a0 + r * n, n, coefficient, beta1, eps,
+                          sqrt_bias_correction2, nesterov, step_size, d_channel)
+    for r in range(done + 1, rows):
+        sums[0, r], sums[1, r], sums[2, r] = _row_sums(grad, param, a0 + r * n, n)
+    view = _decide(sums, rows, n, eps, delta)
     d = np.float32(decay_projected if view != _NO_PROJECTION else decay)
     layer_param_perturb = 0.0
     for r in range(rows):
         sums[3, r] = _adam_row(param, grad, exp_avg, exp_avg_sq, a0 + r * n, n, view, sums[2, r], q_row, beta1,
-                               beta2, eps, sqrt_bias_correction2, nesterov, step_size, d)
+                               beta2, eps, sqrt_bias_correction2, nesterov, step_size, d, r < done)
         layer_param_perturb += sums[3, r]
     if view == _LAYER_VIEW:  # the coefficient is the whole parameter's: a second visit applies it
         param_param = 0.0
@@ -273,6 +296,19 @@ def _one_parameter(param, grad, exp_avg, exp_avg_sq, a0, rows, n, projects, sums
         _apply_rows(param, grad, exp_avg, exp_avg_sq, a0, rows * n, coefficient, beta1, eps,
                     sqrt_bias_correction2, nesterov, step_size, d)
     return 1 if view != _NO_PROJECTION else 0
+
+
+@njit(inline="always", fastmath={"reassoc", "contract", "nsz"})
+def _row_sums(grad, param, a, n):
+    """A row's grad.param, grad.grad and param.param, in float64 (its own loop: LLVM vectorises it alone)."""
+    gs, ps = grad[a:a + n], param[a:a + n]
+    grad_param = grad_grad = param_param = 0.0
+    for i in range(n):
+        g, p = gs[i], ps[i]
+        grad_param += np.float64(g * p)
+        grad_grad += np.float64(g * g)
+        param_param += np.float64(p * p)
+    return grad_param, grad_grad, param_param
 
 
 @njit(inline="always")
@@ -295,24 +331,34 @@ def _decide(sums, rows, n, eps, delta):
 
 @njit(inline="always", fastmath={"reassoc", "contract", "nsz"})
 def _adam_row(param, grad, exp_avg, exp_avg_sq, a, n, view, param_param, q_row, beta1, beta2, eps,
-              sqrt_bias_correction2, nesterov, step_size, d):
+              sqrt_bias_correction2, nesterov, step_size, d, moments_done):
     """One row's Adam moments and update direction; returns its param.perturb (0 without a projection, where
     nothing uses it). Without a projection the row is updated in the same loop; with the channel view right
     after it, from the row's update direction kept in ``q_row`` (in the L1 cache); with the layer view later, by
-    ``_apply_rows``, once the whole parameter's coefficient is known."""
+    ``_apply_rows``, once the whole parameter's coefficient is known. ``moments_done``: the moments were updated
+    this step already (a row stepped in the channel view, then taken back): the direction comes from them."""
     constants = _adam_constants(beta1, beta2, eps, sqrt_bias_correction2, nesterov)
     lr = np.float32(step_size)
     gs, ps, ms, vs = grad[a:a + n], param[a:a + n], exp_avg[a:a + n], exp_avg_sq[a:a + n]
     if view == _NO_PROJECTION:  # updated in the same loop (its own loop: no store of q, no branch in it)
-        for i in range(n):
-            p = ps[i]
-            ms[i], vs[i], q = _adam_element(gs[i], ms[i], vs[i], constants)
-            ps[i] = p * d - lr * q
+        if moments_done:
+            for i in range(n):
+                p = ps[i]
+                ps[i] = p * d - lr * _direction(gs[i], ms[i], vs[i], constants)
+        else:
+            for i in range(n):
+                p = ps[i]
+                ms[i], vs[i], q = _adam_element(gs[i], ms[i], vs[i], constants)
+                ps[i] = p * d - lr * q
         return 0.0
     # The sum in its own loop over the row (in L1): a float64 sum in the Adam loop made LLVM take 8 floats a
     # vector (one zmm of doubles) instead of 16.
-    for i in range(n):
-        ms[i], vs[i], q_row[i] = _adam_element(gs[i], ms[i], vs[i], constants)
+    if moments_done:
+        for i in range(n):
+            q_row[i] = _direction(gs[i], ms[i], vs[i], constants)
+    else:
+        for i in range(n):
+            ms[i], vs[i], q_row[i] = _adam_element(gs[i], ms[i], vs[i], constants)
     param_perturb = 0.0
     for i in range(n):
         param_perturb += np.float64(ps[i] * q_row[i])
@@ -322,6 +368,28 @@ def _adam_row(param, grad, exp_avg, exp_avg_sq, a, n, view, param_param, q_row, 
             p = ps[i]
             ps[i] = p * d - lr * (q_row[i] - c * p)
     return param_perturb
+
+
+@njit(inline="always")
+def _direction(g, m, v, constants):
+    """The update direction from moments already updated (as ``_adam_element`` computes it)."""
+    _, _, _, _, e, inv_bc2, nb1, ng = constants
+    return (nb1 * m + ng * g) / (np.sqrt(v) * inv_bc2 + e)
+
+
+@njit(inline="always", fastmath={"contract"})
+def _undo_channel_row(param, grad, exp_avg, exp_avg_sq, a, n, c, beta1, eps, sqrt_bias_correction2, nesterov,
+                      step_size, d):
+    """A row stepped in the channel view back to its value before the step: ``p' = p * (d + lr c) - lr q``
+    solved for p, with q from the moments. Exact to float32 rounding (a few units in the last place, against
+    timm's AdamP to 1e-6 in the tests), and taken only by a parameter whose row after this one broke the channel
+    view: in a real ResNet-50 step, none (the classifier breaks it at its first row)."""
+    constants = _adam_constants(beta1, 0.0, eps, sqrt_bias_correction2, nesterov)
+    lr = np.float32(step_size)
+    scale = np.float32(1.0) / (d + lr * c)
+    gs, ps, ms, vs = grad[a:a + n], param[a:a + n], exp_avg[a:a + n], exp_avg_sq[a:a + n]
+    for i in range(n):
+        ps[i] = (ps[i] + lr * _direction(gs[i], ms[i], vs[i], constants)) * scale
 
 
 @njit(inline="always", fastmath={"contract"})
@@ -346,12 +414,9 @@ def _apply_rows(param, grad, exp_avg, exp_avg_sq, a, n, c, beta1, eps, sqrt_bias
             ps[i] = p * d - lr * (q - c * p)
 
 
-# A whole parameter's step, with as little memory traffic as AdamP allows: its decision (channel view, else layer
-# view) depends only on grad.param, grad.grad and param.param, so a first read of the parameter and its gradient
-# decides it; then each channel ("row") in turn gets Adam's moments, its update direction and its param.perturb
-# sum, and is updated while it is still in the L1 cache. Only a layer-view projection, whose coefficient needs
-# the whole parameter's param.perturb, visits the parameter a third time. A fused Adam reads four arrays and
-# writes three; this reads six and writes three (two more reads: the deciding pass).
+# A whole parameter's step, with as little memory traffic as AdamP allows (``_one_parameter``): in the channel
+# view each row is read and written once, as a fused Adam reads four arrays and writes three. Deciding first, in
+# a pass of its own over param and grad, read six arrays (the engine's ResNet-50 kernel took 10-13% longer).
 #
 # The parameters run on torch's own threads. numba's thread pool (TBB, or OpenMP from another copy of the
 # runtime than torch's) would share the cores with torch's OpenMP workers, which spin for milliseconds after

@@ -88,6 +88,43 @@ def test_each_view_of_the_cpu_path_equals_timms_adamp(view, nesterov):
     assert ((ours - theirs).norm() / theirs.norm()).item() < 1e-6
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("view", ["layer", "none"])
+@pytest.mark.parametrize("breaking_row", [0, 7, 15])
+def test_a_parameter_that_breaks_the_channel_view_late_equals_timms_adamp(breaking_row, view, nesterov):
+    """The CPU path steps each row in the channel view as it goes; a row whose cosine breaks the view makes it take
+    back the rows before it. Gradients orthogonal to every channel but ``breaking_row`` (so the rows before it
+    were stepped and must be taken back): the result equals timm's AdamP in the layer view and without a
+    projection, and the moments of the rows taken back are not updated twice."""
+    torch.manual_seed(0)
+    weight = torch.randn(16, 3, 3, 3)
+    ours, theirs = torch.nn.Parameter(weight.clone()), torch.nn.Parameter(weight.clone())
+    opt = ZeroAdamP([ours], lr=0.01, weight_decay=0.1, nesterov=nesterov)
+    reference = timm.optim.AdamP([theirs], lr=0.01, weight_decay=0.1, nesterov=nesterov)
+    for step in range(4):   # each step's gradient built on the weight as it is then
+        w = theirs.detach().reshape(16, -1)
+        g = torch.randn(16, 27, generator=torch.Generator().manual_seed(200 + step))
+        g -= w * ((g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True))   # orthogonal to each channel
+        # along its weight: a cosine of 0.1 (0.45 without a projection), over the channel bound of 0.019
+        along = 0.1 if view == "layer" else 0.5
+        g[breaking_row] += along * w[breaking_row] * g[breaking_row].norm() / w[breaking_row].norm()
+        if view == "layer":   # orthogonal to the weight as a whole again; the other rows' cosines stay under 0.01
+            g -= w * ((g * w).sum() / (w * w).sum())
+        g = g.reshape(weight.shape)
+        rows = torch.nn.functional.cosine_similarity(g.reshape(16, -1), w, dim=1, eps=1e-8).abs()
+        broken = (rows >= 0.1 / 27 ** 0.5).nonzero().flatten().tolist()
+        assert broken[0] == breaking_row and timm_view(theirs.detach(), g) == view
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        opt.step()
+        reference.step()
+        assert int(opt.last_projected) == (0 if view == "none" else 1)
+        for name in ("exp_avg", "exp_avg_sq"):
+            mine, timms = opt.state[ours][name], reference.state[theirs][name]
+            assert ((mine - timms).abs().max() / timms.abs().max()).item() < 1e-6, name
+    assert ((ours - theirs).norm() / theirs.norm()).item() < 1e-6
+    assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-6)   # every element, the rows taken back included
+
+
 def test_the_cpu_path_refuses_a_moment_it_cannot_step_in_place():
     """The CPU path hands the kernel addresses, not views: a moment that is not contiguous float32 of its
     tensor's size (a hand-edited or foreign state) is refused, never read past its end or as another type."""
