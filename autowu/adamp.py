@@ -41,8 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.optim.optimizer import Optimizer
 
-from .adamp_cpu import (WholeParameters, adam_and_row_sums, apply_update, cut_parameters, decide_cut_parameters,
-                        segments_of, whole_parameter_units)
+from .adamp_cpu import CutRows, WholeParameters, cut_parameters, segments_of, whole_parameter_units
 
 # The four per-channel sums, in this order, in the reduced buffer.
 _GRAD_PARAM, _GRAD_GRAD, _PARAM_PARAM, _PARAM_PERTURB = range(4)
@@ -99,6 +98,7 @@ class _Segments:
         self.cut = cut_parameters(layout.shapes, layout.offsets, layout.start, layout.numel)
         self.shares = len(self.shared.first) > 0
         self._whole_parameters: Optional[WholeParameters] = None
+        self.cut_rows: Optional[CutRows] = None   # built by the first pass, used by the second
         self.device = device
         self._element_row: Optional[torch.Tensor] = None
         # The torch path's sums: the segments tile the tensor, a channel is one segment of it (its part in this
@@ -120,6 +120,12 @@ class _Segments:
         if self._whole_parameters is None or self._whole_parameters.threads != max(1, threads):
             self._whole_parameters = WholeParameters(self.units, threads)
         return self._whole_parameters
+
+    def cut_rows_plan(self, threads: int) -> CutRows:
+        """The CPU path's plan for the rows of cut parameters on ``threads`` threads (built once)."""
+        if self.cut_rows is None or self.cut_rows.threads != max(1, threads):
+            self.cut_rows = CutRows(self.shared, self.cut, self.num_rows, threads)
+        return self.cut_rows
 
     @property
     def element_row(self) -> torch.Tensor:
@@ -154,7 +160,6 @@ class ZeroAdamP(Optimizer):
         self._layouts: Dict[torch.Tensor, Tuple[FlatLayout, Optional[object]]] = {
             p: (FlatLayout.whole(p.shape), None) for group in self.param_groups for p in group["params"]}
         self._segments: Dict[torch.Tensor, _Segments] = {}
-        self._scratch: Dict[torch.Tensor, torch.Tensor] = {}  # the CPU path's update direction, reused
         self._projected_counts: Tuple[Optional[torch.Tensor], ...] = ()  # the last step's (``last_projected``)
         self._projected_reduction = None
         self._sums: Optional[torch.Tensor] = None   # the step's partial sums, reused
@@ -235,15 +240,11 @@ class ZeroAdamP(Optimizer):
 
         projected = []
         for p, group, first_pass, segments, where in work:
-            step_size = group["lr"] / (1 - group["betas"][0] ** self.state[p]["step"])
             if self._fused(p, segments):
                 if segments.shares:  # the second pass of the cut parameters' rows, with their completed sums
-                    coefficient, decay, count = _cut_row_update(sums[where].view(4, -1), segments, group)
-                    projected_here.append(count)
-                    shared = segments.shared
-                    apply_update(_flat(p), _flat(self._scratch[p]), shared.first, shared.length, shared.row,
-                                 coefficient, decay, step_size)
+                    projected_here.append(self._cut_rows_second_pass(p, group, segments, sums[where].view(4, -1)))
                 continue
+            step_size = group["lr"] / (1 - group["betas"][0] ** self.state[p]["step"])
             projection = _project(sums[where].view(4, -1), segments, group) if segments.projects else None
             coefficient, decay = _row_update(projection, segments, group, p.device)
             if projection is not None:
@@ -334,21 +335,31 @@ class ZeroAdamP(Optimizer):
     def _cut_rows_first_pass(self, p: torch.Tensor, group: dict, segments: "_Segments",
                              partial: torch.Tensor) -> None:
         """The CPU path, rows of parameters cut by the tensor's ends: Adam's moments and the four partial sums
-        (into ``partial``); their update direction is kept for the second pass, after the all-reduce."""
+        (into ``partial``); rows whose own sums allow it are stepped in the channel view already, the others'
+        update direction is kept for the second pass, after the all-reduce."""
         if not segments.shares:
             return
         # As many threads as torch's (the launcher's share of the node's cores): not numba's default, all.
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+        numba.set_num_threads(threads)
         beta1, beta2 = group["betas"]
         state = self.state[p]
-        perturb = self._scratch.get(p)
-        if perturb is None or perturb.shape != p.shape:
-            perturb = self._scratch[p] = torch.empty_like(p)  # once: no allocation a step
-        shared = segments.shared
-        adam_and_row_sums(_flat(p), _flat(p.grad), _flat(state["exp_avg"]), _flat(state["exp_avg_sq"]),
-                          _flat(perturb), shared.first, shared.length, shared.row, partial.numpy(), beta1, beta2,
-                          group["eps"], math.sqrt(1 - beta2 ** state["step"]), bool(group["nesterov"]),
-                          segments.num_rows)
+        lr_wd = group["lr"] * group["weight_decay"]
+        segments.cut_rows_plan(threads).first_pass(
+            _flat(p), _flat(p.grad), _flat(state["exp_avg"]), _flat(state["exp_avg_sq"]), partial.numpy(), beta1,
+            beta2, group["eps"], math.sqrt(1 - beta2 ** state["step"]), bool(group["nesterov"]), group["delta"],
+            group["lr"] / (1 - beta1 ** state["step"]), 1.0 - lr_wd * group["wd_ratio"])
+
+    def _cut_rows_second_pass(self, p: torch.Tensor, group: dict, segments: "_Segments", sums: torch.Tensor) -> int:
+        """The cut parameters' decisions from their completed sums and the update of their rows; returns how many
+        of those counted on this rank were projected."""
+        beta1, beta2 = group["betas"]
+        state = self.state[p]
+        lr_wd = group["lr"] * group["weight_decay"]
+        return segments.cut_rows.second_pass(
+            _flat(p), _flat(p.grad), _flat(state["exp_avg"]), _flat(state["exp_avg_sq"]), sums.numpy(), beta1,
+            group["eps"], math.sqrt(1 - beta2 ** state["step"]), bool(group["nesterov"]), group["delta"],
+            group["lr"] / (1 - beta1 ** state["step"]), 1.0 - lr_wd, 1.0 - lr_wd * group["wd_ratio"])
 
     def _whole_parameters(self, p: torch.Tensor, group: dict, segments: "_Segments") -> int:
         """The CPU path, parameters wholly in the tensor: each done in one visit (Adam, sums, decision, update),
@@ -397,20 +408,6 @@ def _row_update(projection, segments: _Segments, group: dict, device: torch.devi
     coefficient, uses_wd_ratio, _ = projection
     decay = torch.where(uses_wd_ratio, 1.0 - lr_wd * group["wd_ratio"], 1.0 - lr_wd)
     return coefficient, decay
-
-
-def _cut_row_update(sums: torch.Tensor, segments: _Segments, group: dict):
-    """The CPU path's per-row coefficient and weight-decay factor for the rows of cut parameters (all others: 0
-    and 1 - lr * weight_decay, never read), from their complete sums; and how many of those counted on this rank
-    were projected."""
-    coefficient = np.zeros(segments.num_rows + 1, dtype=np.float32)
-    projected_rows = np.zeros(segments.num_rows + 1, dtype=np.bool_)
-    cut = segments.cut
-    count = decide_cut_parameters(sums.numpy(), cut.row0, cut.rows, cut.row_size, cut.counted_here, group["eps"],
-                                  group["delta"], coefficient, projected_rows)
-    lr_wd = group["lr"] * group["weight_decay"]
-    decay = np.where(projected_rows, 1.0 - lr_wd * group["wd_ratio"], 1.0 - lr_wd).astype(np.float32)
-    return coefficient, decay, count
 
 
 def _project(sums: torch.Tensor, segments: _Segments, group: dict):

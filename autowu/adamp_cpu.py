@@ -7,19 +7,22 @@ convolutions take, holds when every row's cosine is under a bound, and then each
 row's sums; so ``WholeParameters`` steps each row in the channel view as it reaches it (sums, cosine, Adam's
 moments, update direction, update, all while the row is in the L1 cache), reading and writing the parameter
 once, as a fused Adam does. A row over the bound ends that: the rows before it are taken back and the parameter
-takes the view its sums give (the layer view, whose coefficient is the whole parameter's, visits it once more). The parameters run on torch's own OpenMP threads, largest first, each done
-by one thread in one fixed order: the result does not depend on the number of threads. A rank's whole
-parameters need nothing from the other ranks, so they run while the cut rows' sums are all-reduced.
+takes the view its sums give (the layer view, whose coefficient is the whole parameter's, visits it once more).
+The parameters run on torch's own OpenMP threads, largest first, each done by one thread in one fixed order: the
+result does not depend on the number of threads. A rank's whole parameters need nothing from the other ranks, so
+they run while the cut rows' sums are all-reduced.
 
 The rows of cut parameters (``Segments``: at most one parameter at each end of a ZeRO partition) take two
-passes around the all-reduce that completes their sums over the ranks:
+passes around the all-reduce that completes their sums over the ranks (``CutRows``):
 
-1. ``adam_and_row_sums``: Adam's moments as timm updates them, the update direction (``perturb``), and the four
-   sums of every row (grad.param, grad.grad, param.param, param.perturb), accumulated in float64.
-2. ``apply_update``: ``perturb -= coefficient[row] * param``; ``param *= decay[row]``; ``param -= step * perturb``.
+1. ``cut_rows_first_pass``: the four sums of every row (grad.param, grad.grad, param.param, param.perturb,
+   accumulated in float64) and Adam's moments as timm updates them. A row wholly on this rank whose own cosine is
+   under the channel bound is stepped in the channel view at once; the others keep their update direction.
+2. ``cut_rows_second_pass``, after ``decide_cut_parameters`` has taken the decisions from the completed sums:
+   ``param = param * decay[row] - step * (perturb - coefficient[row] * param)`` for the rows not stepped; a row
+   stepped where its parameter did not take the channel view is taken back and stepped in the view taken.
 
-Between them ``decide_cut_parameters`` takes the cut parameters' decisions from their completed sums. Elements
-of 1-D parameters and padding form runs of their own ("other" rows: Adam and plain weight decay).
+Elements of 1-D parameters and padding form runs of their own ("other" rows: Adam and plain weight decay).
 """
 from __future__ import annotations
 
@@ -96,40 +99,76 @@ def _adam_element(g, m, v, constants):
 # The inner loops run over slices from 0: so written, LLVM vectorises them (an inner loop over ``range(a, b)`` of
 # the whole arrays ran 3-6x slower). Reassociation (restricted fastmath) lets it vectorise the sums; each row
 # is still summed by one thread in one fixed order, so the result does not depend on the number of threads.
-@njit(parallel=True, cache=True, fastmath={"reassoc", "contract", "nsz"})
-def adam_and_row_sums(param, grad, exp_avg, exp_avg_sq, perturb, first, length, row, sums,
-                      beta1, beta2, eps, sqrt_bias_correction2, nesterov, num_rows):
-    # float32 arithmetic, as torch computes on float32 tensors; the sums in float64.
+@njit(parallel=True, cache=True, fastmath={"reassoc", "contract", "nsz"}, error_model="numpy")
+def cut_rows_first_pass(param, grad, exp_avg, exp_avg_sq, perturb, first, length, row, row_size, scratch_first,
+                        sums, q_rows, stepped, beta1, beta2, eps, sqrt_bias_correction2, nesterov, delta, step_size,
+                        decay_projected):
+    """The cut parameters' rows before the all-reduce. A row wholly in this tensor whose own cosine is under the
+    channel bound is stepped in the channel view at once, in one visit (``stepped``); the view is taken for the
+    whole parameter after the all-reduce, and the second pass takes the row back if it was not. Every other
+    piece gets Adam's moments and its update direction (kept in ``perturb``, at ``scratch_first``). Every piece
+    writes its four sums (grad.param, grad.grad, param.param, param.perturb; float64 sums stored as float32).
+    Segment ``s`` is done by thread ``s % threads``, each in one fixed order: no result depends on the threads."""
     constants = _adam_constants(beta1, beta2, eps, sqrt_bias_correction2, nesterov)
-    for s in prange(first.shape[0]):
-        a, n, r = first[s], length[s], row[s]
-        gs, ps, ms = grad[a:a + n], param[a:a + n], exp_avg[a:a + n]
-        vs, qs = exp_avg_sq[a:a + n], perturb[a:a + n]
-        grad_param = grad_grad = param_param = param_perturb = 0.0
-        for i in range(n):
-            g, p = gs[i], ps[i]
-            ms[i], vs[i], q = _adam_element(g, ms[i], vs[i], constants)
-            qs[i] = q
-            grad_param += np.float64(g * p)
-            grad_grad += np.float64(g * g)
-            param_param += np.float64(p * p)
-            param_perturb += np.float64(p * q)
-        if r < num_rows:
-            sums[0, r] = grad_param
-            sums[1, r] = grad_grad
-            sums[2, r] = param_param
+    lr, d = np.float32(step_size), np.float32(decay_projected)
+    threads, segments = q_rows.shape[0], first.shape[0]
+    for t in prange(threads):
+        q_row = q_rows[t]
+        for s in range(t, segments, threads):
+            a, n, r = first[s], length[s], row[s]
+            gs, ps, ms, vs = grad[a:a + n], param[a:a + n], exp_avg[a:a + n], exp_avg_sq[a:a + n]
+            grad_param, grad_grad, param_param = _row_sums(grad, param, a, n)
+            sums[0, r], sums[1, r], sums[2, r] = grad_param, grad_grad, param_param
+            stepped[s] = (n == row_size[s] and abs(grad_param) / (max(np.sqrt(grad_grad), eps) *
+                                                                  max(np.sqrt(param_param), eps)) < delta / np.sqrt(n))
+            qs = q_row[:n] if stepped[s] else perturb[scratch_first[s]:scratch_first[s] + n]
+            for i in range(n):
+                ms[i], vs[i], qs[i] = _adam_element(gs[i], ms[i], vs[i], constants)
+            param_perturb = 0.0
+            for i in range(n):
+                param_perturb += np.float64(ps[i] * qs[i])
             sums[3, r] = param_perturb
+            if stepped[s]:   # the coefficient from the stored sums: as the second pass and the decision see them
+                c = channel_coefficient(sums[3, r], sums[2, r], eps)
+                for i in range(n):
+                    p = ps[i]
+                    ps[i] = p * d - lr * (qs[i] - c * p)
 
 
-@njit(parallel=True, cache=True, fastmath={"contract"})
-def apply_update(param, perturb, first, length, row, coefficient, decay, step_size):
+@njit(parallel=True, cache=True, fastmath={"contract"}, error_model="numpy")
+def cut_rows_second_pass(param, grad, exp_avg, exp_avg_sq, perturb, first, length, row, scratch_first, sums, stepped,
+                         views, coefficient, beta1, eps, sqrt_bias_correction2, nesterov, step_size, decay,
+                         decay_projected):
+    """The cut parameters' rows after the decision (``views`` and ``coefficient`` per row, from the sums completed
+    over the ranks): ``param = param * decay - step * (perturb - coefficient * param)``, ``decay_projected`` where
+    projected. A row stepped in the channel view where the parameter took it is done; where it did not, it is taken
+    back (its direction from the moments, as ``_undo_channel_row``) and stepped in the view taken."""
+    constants = _adam_constants(beta1, 0.0, eps, sqrt_bias_correction2, nesterov)
+    lr, d_channel = np.float32(step_size), np.float32(decay_projected)
     for s in prange(first.shape[0]):
         a, n, r = first[s], length[s], row[s]
-        c, d, lr = np.float32(coefficient[r]), np.float32(decay[r]), np.float32(step_size)
-        ps, qs = param[a:a + n], perturb[a:a + n]
-        for i in range(n):
-            p = ps[i]
-            ps[i] = p * d - lr * (qs[i] - c * p)
+        c = np.float32(coefficient[r])
+        d = d_channel if views[r] != _NO_PROJECTION else np.float32(decay)
+        ps = param[a:a + n]
+        if not stepped[s]:
+            qs = perturb[scratch_first[s]:scratch_first[s] + n]
+            for i in range(n):
+                p = ps[i]
+                ps[i] = p * d - lr * (qs[i] - c * p)
+        elif views[r] != _CHANNEL_VIEW:
+            gs, ms, vs = grad[a:a + n], exp_avg[a:a + n], exp_avg_sq[a:a + n]
+            scale = np.float32(1.0) / (d_channel + lr * channel_coefficient(sums[3, r], sums[2, r], eps))
+            for i in range(n):
+                q = _direction(gs[i], ms[i], vs[i], constants)
+                p = (ps[i] + lr * q) * scale
+                ps[i] = p * d - lr * (q - c * p)
+
+
+@njit(cache=True, error_model="numpy")
+def channel_coefficient(param_perturb, param_param, eps):
+    """A row's channel-view coefficient of ``perturb -= c * param``, from its stored (float32) sums: one function,
+    so that a row stepped before the all-reduce and the decision after it compute the same float32 number."""
+    return np.float32(param_perturb / (np.sqrt(param_param) + eps) ** 2)
 
 
 class Units(NamedTuple):
@@ -144,6 +183,7 @@ class Segments(NamedTuple):
     first: np.ndarray
     length: np.ndarray
     row: np.ndarray
+    row_size: np.ndarray   # elements of the segment's whole row (a segment shorter than it: a row a boundary cuts)
 
 
 def whole_parameter_units(shapes, offsets, start: int, numel: int):
@@ -180,7 +220,7 @@ def whole_parameter_units(shapes, offsets, start: int, numel: int):
     shared = ~whole_row[row]
     return (Units(table[:, 0].copy(), table[:, 1].copy(), table[:, 2].copy(), table[:, 3].astype(np.bool_),
                   table[:, 4].copy()),
-            Segments(first[shared].copy(), length[shared].copy(), row[shared].copy()))
+            Segments(first[shared].copy(), length[shared].copy(), row[shared].copy(), row_size[row[shared]]))
 
 
 class CutParameters(NamedTuple):
@@ -205,10 +245,10 @@ def cut_parameters(shapes, offsets, start: int, numel: int) -> CutParameters:
 
 
 @njit(cache=True, error_model="numpy")
-def decide_cut_parameters(sums, row0, rows, row_size, counted_here, eps, delta, coefficient, projected_rows):
+def decide_cut_parameters(sums, row0, rows, row_size, counted_here, eps, delta, coefficient, views):
     """The cut parameters' AdamP decisions from their complete sums (all-reduced over the ranks): per row the
-    coefficient of ``perturb -= c * param`` and whether weight decay takes ``wd_ratio`` (``projected_rows``).
-    Returns how many of those counted here were projected."""
+    coefficient of ``perturb -= c * param`` and the view (``views``: none, channel or layer; weight decay takes
+    ``wd_ratio`` where projected). Returns how many of those counted here were projected."""
     count = 0
     for k in range(row0.shape[0]):
         a, n_rows = row0[k], rows[k]
@@ -216,7 +256,7 @@ def decide_cut_parameters(sums, row0, rows, row_size, counted_here, eps, delta, 
         view = _decide(block, n_rows, row_size[k], eps, delta)
         if view == _CHANNEL_VIEW:
             for r in range(n_rows):
-                coefficient[a + r] = block[3, r] / (np.sqrt(block[2, r]) + eps) ** 2
+                coefficient[a + r] = channel_coefficient(block[3, r], block[2, r], eps)
         elif view == _LAYER_VIEW:
             param_param = param_perturb = 0.0
             for r in range(n_rows):
@@ -225,10 +265,46 @@ def decide_cut_parameters(sums, row0, rows, row_size, counted_here, eps, delta, 
             for r in range(n_rows):
                 coefficient[a + r] = param_perturb / (np.sqrt(param_param) + eps) ** 2
         for r in range(n_rows):
-            projected_rows[a + r] = view != _NO_PROJECTION
+            views[a + r] = view
         if view != _NO_PROJECTION and counted_here[k]:
             count += 1
     return count
+
+
+class CutRows:
+    """The rows of the parameters cut by one tensor's ends (a ZeRO partition boundary), on ``threads`` threads: the
+    two passes around the all-reduce that completes their sums, with their tables and scratch (built once per
+    layout and thread count: a step allocates nothing)."""
+
+    def __init__(self, segments: Segments, cut: CutParameters, num_rows: int, threads: int):
+        self.segments, self.cut, self.threads = segments, cut, max(1, int(threads))
+        self.scratch_first = np.concatenate([[0], np.cumsum(segments.length)[:-1]]).astype(np.int64)
+        self.perturb = np.empty(int(segments.length.sum()), dtype=np.float32)   # directions of rows not stepped
+        self.q_rows = np.empty((self.threads, int(segments.length.max())), dtype=np.float32)
+        self.stepped = np.zeros(len(segments.first), dtype=np.uint8)
+        self.coefficient = np.zeros(num_rows + 1, dtype=np.float32)
+        self.views = np.zeros(num_rows + 1, dtype=np.uint8)
+
+    def first_pass(self, param, grad, exp_avg, exp_avg_sq, sums, beta1, beta2, eps, sqrt_bias_correction2,
+                   nesterov, delta, step_size, decay_projected) -> None:
+        """Adam's moments and the four partial sums of every row into ``sums`` (4 x rows + 1, float32, zeroed);
+        rows that can be are stepped in the channel view already."""
+        s = self.segments
+        cut_rows_first_pass(param, grad, exp_avg, exp_avg_sq, self.perturb, s.first, s.length, s.row, s.row_size,
+                            self.scratch_first, sums, self.q_rows, self.stepped, beta1, beta2, eps,
+                            sqrt_bias_correction2, nesterov, delta, step_size, decay_projected)
+
+    def second_pass(self, param, grad, exp_avg, exp_avg_sq, sums, beta1, eps, sqrt_bias_correction2, nesterov,
+                    delta, step_size, decay, decay_projected) -> int:
+        """The decisions from the complete sums, then the update; returns how many of the cut parameters counted
+        here (those whose first element this tensor holds) were projected."""
+        s, cut = self.segments, self.cut
+        count = decide_cut_parameters(sums, cut.row0, cut.rows, cut.row_size, cut.counted_here, eps, delta,
+                                      self.coefficient, self.views)
+        cut_rows_second_pass(param, grad, exp_avg, exp_avg_sq, self.perturb, s.first, s.length, s.row,
+                             self.scratch_first, sums, self.stepped, self.views, self.coefficient, beta1, eps,
+                             sqrt_bias_correction2, nesterov, step_size, decay, decay_projected)
+        return count
 
 
 def largest_first(units: Units) -> np.ndarray:

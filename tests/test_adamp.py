@@ -125,6 +125,78 @@ def test_a_parameter_that_breaks_the_channel_view_late_equals_timms_adamp(breaki
     assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-6)   # every element, the rows taken back included
 
 
+def weight_gradients(weight, view, breaking_row, step):
+    """A gradient for ``weight`` (rows x ...) that takes ``view`` in timm's AdamP, every row orthogonal to its
+    weight but ``breaking_row`` (None: all)."""
+    rows = weight.shape[0]
+    w = weight.reshape(rows, -1)
+    g = torch.randn(w.shape, generator=torch.Generator().manual_seed(300 + step))
+    g -= w * ((g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True))   # orthogonal to each channel
+    if breaking_row is not None:
+        along = 0.1 if view == "layer" else 0.5
+        g[breaking_row] += along * w[breaking_row] * g[breaking_row].norm() / w[breaking_row].norm()
+    if view == "layer":
+        g -= w * ((g * w).sum() / (w * w).sum())
+    return g.reshape(weight.shape)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("view,breaking_row", [("channel", None), ("layer", 3), ("layer", 7), ("layer", 12),
+                                               ("none", 3), ("none", 12)])
+def test_a_parameter_cut_by_a_partition_boundary_equals_timms_adamp(view, breaking_row, nesterov):
+    """ZeRO cuts a (16, 3, 3, 3) weight at element 200, inside row 7: each side's rows are stepped in the channel
+    view before the all-reduce where their own sums allow, and taken back after it where the whole parameter did
+    not take that view. Both sides' passes run here as two ranks run them, the sums added as the all-reduce adds
+    them: the result equals timm's AdamP in every view, wherever the row that breaks the channel view lies."""
+    import math
+
+    import numpy as np
+
+    from autowu.adamp_cpu import CutRows, cut_parameters, segments_of, whole_parameter_units
+    torch.manual_seed(0)
+    weight = torch.randn(16, 3, 3, 3)
+    shapes, offsets, boundary, numel = ((16, 3, 3, 3),), (0,), 200, 432
+    theirs = torch.nn.Parameter(weight.clone())
+    reference = timm.optim.AdamP([theirs], lr=0.01, weight_decay=0.1, nesterov=nesterov)
+    ours = weight.clone().reshape(-1).numpy()
+    exp_avg, exp_avg_sq = np.zeros(numel, np.float32), np.zeros(numel, np.float32)
+    sides = []
+    for start, size in ((0, boundary), (boundary, numel - boundary)):
+        units, shared = whole_parameter_units(shapes, offsets, start, size)
+        assert len(units.first) == 0 and shared.length.sum() == size   # every row of this side is a cut one
+        num_rows = segments_of(shapes, offsets, start, size)[3]
+        sides.append((slice(start, start + size), CutRows(shared, cut_parameters(shapes, offsets, start, size),
+                                                          num_rows, threads=2)))
+    stepped_rows = set()
+    for step in range(1, 5):
+        g = weight_gradients(theirs.detach(), view, breaking_row, step)
+        assert timm_view(theirs.detach(), g) == view
+        grad = g.reshape(-1).numpy().copy()
+        constants = dict(eps=1e-8, sqrt_bias_correction2=math.sqrt(1 - 0.999 ** step), nesterov=nesterov,
+                         delta=0.1, step_size=0.01 / (1 - 0.9 ** step), decay_projected=1 - 0.01 * 0.1 * 0.1)
+        partial = []
+        for where, plan in sides:
+            sums = np.zeros((4, 17), np.float32)
+            plan.first_pass(ours[where], grad[where], exp_avg[where], exp_avg_sq[where], sums, 0.9, 0.999,
+                            **constants)
+            partial.append(sums)
+            first_rows = plan.segments.row[plan.stepped.astype(bool)]
+            stepped_rows.update(first_rows.tolist())
+        complete = partial[0] + partial[1]   # the all-reduce
+        count = sum(plan.second_pass(ours[where], grad[where], exp_avg[where], exp_avg_sq[where], complete.copy(),
+                                     0.9, decay=1 - 0.01 * 0.1, **constants) for where, plan in sides)
+        theirs.grad = g.clone()
+        reference.step()
+        assert count == (0 if view == "none" else 1)
+    # rows on both sides were stepped before the all-reduce (and, in the layer view or none, taken back)
+    assert any(r < 7 for r in stepped_rows) and any(r > 7 for r in stepped_rows) and 7 not in stepped_rows
+    expected = theirs.detach().reshape(-1)
+    assert torch.allclose(torch.from_numpy(ours), expected, rtol=1e-6, atol=1e-6)
+    for mine, name in ((exp_avg, "exp_avg"), (exp_avg_sq, "exp_avg_sq")):   # updated once a step, never twice
+        timms = reference.state[theirs][name].reshape(-1)
+        assert ((torch.from_numpy(mine) - timms).abs().max() / timms.abs().max()).item() < 1e-6, name
+
+
 def test_the_cpu_path_refuses_a_moment_it_cannot_step_in_place():
     """The CPU path hands the kernel addresses, not views: a moment that is not contiguous float32 of its
     tensor's size (a hand-edited or foreign state) is refused, never read past its end or as another type."""
