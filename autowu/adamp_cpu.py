@@ -15,8 +15,8 @@ they run while the cut rows' sums are all-reduced.
 The rows of cut parameters (``Segments``: at most one parameter at each end of a ZeRO partition) take two
 passes around the all-reduce that completes their sums over the ranks (``CutRows``):
 
-1. ``cut_rows_first_pass``: the four sums of every row (grad.param, grad.grad, param.param, param.perturb,
-   accumulated in float64) and Adam's moments as timm updates them. A row wholly on this rank whose own cosine is
+1. ``cut_rows_first_pass``: the four sums of every row (grad.param, grad.grad, param.param, param.perturb) and
+   Adam's moments as timm updates them, in one visit. A row wholly on this rank whose own cosine is
    under the channel bound is stepped in the channel view at once; the others keep their update direction.
 2. ``cut_rows_second_pass``, after ``decide_cut_parameters`` has taken the decisions from the completed sums:
    ``param = param * decay[row] - step * (perturb - coefficient[row] * param)`` for the rows not stepped; a row
@@ -103,12 +103,12 @@ def _adam_element(g, m, v, constants):
 def cut_rows_first_pass(param, grad, exp_avg, exp_avg_sq, perturb, first, length, row, row_size, scratch_first,
                         sums, q_rows, stepped, beta1, beta2, eps, sqrt_bias_correction2, nesterov, delta, step_size,
                         decay_projected):
-    """The cut parameters' rows before the all-reduce. A row wholly in this tensor whose own cosine is under the
-    channel bound is stepped in the channel view at once, in one visit (``stepped``); the view is taken for the
-    whole parameter after the all-reduce, and the second pass takes the row back if it was not. Every other
-    piece gets Adam's moments and its update direction (kept in ``perturb``, at ``scratch_first``). Every piece
-    writes its four sums (grad.param, grad.grad, param.param, param.perturb; float64 sums stored as float32).
-    Segment ``s`` is done by thread ``s % threads``, each in one fixed order: no result depends on the threads."""
+    """The cut parameters' rows before the all-reduce: Adam's moments and the four sums of every piece (grad.param,
+    grad.grad, param.param, param.perturb) in one visit. A row wholly in this tensor whose own cosine is under the
+    channel bound is then stepped in the channel view at once (``stepped``); the view is taken for the whole
+    parameter after the all-reduce, and the second pass takes the row back if it was not. Every other piece keeps
+    its update direction (in ``perturb``, at ``scratch_first``). Segment ``s`` is done by thread
+    ``s % threads``, each in one fixed order: no result depends on the number of threads."""
     constants = _adam_constants(beta1, beta2, eps, sqrt_bias_correction2, nesterov)
     lr, d = np.float32(step_size), np.float32(decay_projected)
     threads, segments = q_rows.shape[0], first.shape[0]
@@ -116,23 +116,17 @@ def cut_rows_first_pass(param, grad, exp_avg, exp_avg_sq, perturb, first, length
         q_row = q_rows[t]
         for s in range(t, segments, threads):
             a, n, r = first[s], length[s], row[s]
-            gs, ps, ms, vs = grad[a:a + n], param[a:a + n], exp_avg[a:a + n], exp_avg_sq[a:a + n]
-            grad_param, grad_grad, param_param = _row_sums(grad, param, a, n)
-            sums[0, r], sums[1, r], sums[2, r] = grad_param, grad_grad, param_param
-            stepped[s] = (n == row_size[s] and abs(grad_param) / (max(np.sqrt(grad_grad), eps) *
-                                                                  max(np.sqrt(param_param), eps)) < delta / np.sqrt(n))
-            qs = q_row[:n] if stepped[s] else perturb[scratch_first[s]:scratch_first[s] + n]
-            for i in range(n):
-                ms[i], vs[i], qs[i] = _adam_element(gs[i], ms[i], vs[i], constants)
-            param_perturb = 0.0
-            for i in range(n):
-                param_perturb += np.float64(ps[i] * qs[i])
-            sums[3, r] = param_perturb
+            sums[0, r], sums[1, r], sums[2, r], sums[3, r] = _adam_and_sums(param, grad, exp_avg, exp_avg_sq, a, n,
+                                                                            q_row, constants)
+            ps, qs = param[a:a + n], q_row[:n]
+            stepped[s] = n == row_size[s] and _cosine(sums[0, r], sums[1, r], sums[2, r], eps) < delta / np.sqrt(n)
             if stepped[s]:   # the coefficient from the stored sums: as the second pass and the decision see them
                 c = channel_coefficient(sums[3, r], sums[2, r], eps)
                 for i in range(n):
                     p = ps[i]
                     ps[i] = p * d - lr * (qs[i] - c * p)
+            else:
+                perturb[scratch_first[s]:scratch_first[s] + n] = qs
 
 
 @njit(parallel=True, cache=True, fastmath={"contract"}, error_model="numpy")
@@ -336,21 +330,25 @@ def _one_parameter(param, grad, exp_avg, exp_avg_sq, a0, rows, n, projects, sums
                   sqrt_bias_correction2, nesterov, step_size, np.float32(decay), False)
         return 0
     bound = delta / np.sqrt(n)
-    d_channel = np.float32(decay_projected)
+    constants = _adam_constants(beta1, beta2, eps, sqrt_bias_correction2, nesterov)
+    lr, d_channel = np.float32(step_size), np.float32(decay_projected)
     done = 0   # rows stepped in the channel view
     while done < rows:
         a = a0 + done * n
-        grad_param, grad_grad, param_param = _row_sums(grad, param, a, n)
-        sums[0, done], sums[1, done], sums[2, done] = grad_param, grad_grad, param_param
-        if not abs(grad_param) / (max(np.sqrt(grad_grad), eps) * max(np.sqrt(param_param), eps)) < bound:
+        sums[0, done], sums[1, done], sums[2, done], sums[3, done] = _adam_and_sums(param, grad, exp_avg, exp_avg_sq,
+                                                                                    a, n, q_row, constants)
+        if not _cosine(sums[0, done], sums[1, done], sums[2, done], eps) < bound:
             break
-        sums[3, done] = _adam_row(param, grad, exp_avg, exp_avg_sq, a, n, _CHANNEL_VIEW, param_param, q_row,
-                                  beta1, beta2, eps, sqrt_bias_correction2, nesterov, step_size, d_channel, False)
+        c = np.float32(sums[3, done] / (np.sqrt(sums[2, done]) + eps) ** 2)
+        ps = param[a:a + n]
+        for i in range(n):   # the row is in the L1 cache
+            p = ps[i]
+            ps[i] = p * d_channel - lr * (q_row[i] - c * p)
         done += 1
     if done == rows:
         return 1
-    # Not the channel view: the rows stepped in it go back to their parameter's values (their moments stay
-    # updated), the others are summed, and the parameter takes the view its sums give.
+    # Not the channel view: the rows stepped in it go back to their parameter's values; their moments, and the
+    # breaking row's, stay updated. The other rows are summed, and the parameter takes the view its sums give.
     for r in range(done):
         coefficient = np.float32(sums[3, r] / (np.sqrt(sums[2, r]) + eps) ** 2)
         _undo_channel_row(param, grad, exp_avg, exp_avg_sq, a0 + r * n, n, coefficient, beta1, eps,
@@ -362,7 +360,7 @@ def _one_parameter(param, grad, exp_avg, exp_avg_sq, a0, rows, n, projects, sums
     layer_param_perturb = 0.0
     for r in range(rows):
         sums[3, r] = _adam_row(param, grad, exp_avg, exp_avg_sq, a0 + r * n, n, view, sums[2, r], q_row, beta1,
-                               beta2, eps, sqrt_bias_correction2, nesterov, step_size, d, r < done)
+                               beta2, eps, sqrt_bias_correction2, nesterov, step_size, d, r <= done)
         layer_param_perturb += sums[3, r]
     if view == _LAYER_VIEW:  # the coefficient is the whole parameter's: a second visit applies it
         param_param = 0.0
@@ -375,16 +373,42 @@ def _one_parameter(param, grad, exp_avg, exp_avg_sq, a0, rows, n, projects, sums
 
 
 @njit(inline="always", fastmath={"reassoc", "contract", "nsz"})
-def _row_sums(grad, param, a, n):
-    """A row's grad.param, grad.grad and param.param, in float64 (its own loop: LLVM vectorises it alone)."""
-    gs, ps = grad[a:a + n], param[a:a + n]
-    grad_param = grad_grad = param_param = 0.0
+def _adam_and_sums(param, grad, exp_avg, exp_avg_sq, a, n, q_row, constants):
+    """One row's Adam moments and update direction (into ``q_row``) and its four sums: grad.param, grad.grad,
+    param.param and param.perturb, in one visit of the four arrays (streamed together, as a fused Adam streams
+    them: a pass over param and grad first, then one over the moments, was 17-26% slower on ResNet-50 when memory
+    was fast). The sums are float32, as torch sums float32 tensors (timm's AdamP): float64 sums take 8 floats a
+    vector instead of 16."""
+    gs, ps, ms, vs = grad[a:a + n], param[a:a + n], exp_avg[a:a + n], exp_avg_sq[a:a + n]
+    grad_param = grad_grad = param_param = param_perturb = np.float32(0.0)
     for i in range(n):
         g, p = gs[i], ps[i]
-        grad_param += np.float64(g * p)
-        grad_grad += np.float64(g * g)
-        param_param += np.float64(p * p)
+        ms[i], vs[i], q = _adam_element(g, ms[i], vs[i], constants)
+        q_row[i] = q
+        grad_param += g * p
+        grad_grad += g * g
+        param_param += p * p
+        param_perturb += p * q
+    return grad_param, grad_grad, param_param, param_perturb
+
+
+@njit(inline="always", fastmath={"reassoc", "contract", "nsz"})
+def _row_sums(grad, param, a, n):
+    """A row's grad.param, grad.grad and param.param (float32 sums, as ``_adam_and_sums``)."""
+    gs, ps = grad[a:a + n], param[a:a + n]
+    grad_param = grad_grad = param_param = np.float32(0.0)
+    for i in range(n):
+        g, p = gs[i], ps[i]
+        grad_param += g * p
+        grad_grad += g * g
+        param_param += p * p
     return grad_param, grad_grad, param_param
+
+
+@njit(inline="always")
+def _cosine(grad_param, grad_grad, param_param, eps):
+    """|cosine| of a row's gradient and parameter, as torch's cosine_similarity (timm's AdamP) computes it."""
+    return abs(grad_param) / (max(np.sqrt(grad_grad), eps) * max(np.sqrt(param_param), eps))
 
 
 @njit(inline="always")
@@ -392,8 +416,7 @@ def _decide(sums, rows, n, eps, delta):
     """timm's AdamP: the channel view, else the layer view (|cosine| as torch's cosine_similarity computes it)."""
     max_cosine = 0.0
     for r in range(rows):
-        cosine = abs(sums[0, r]) / (max(np.sqrt(sums[1, r]), eps) * max(np.sqrt(sums[2, r]), eps))
-        max_cosine = max(max_cosine, cosine)
+        max_cosine = max(max_cosine, _cosine(sums[0, r], sums[1, r], sums[2, r], eps))
     if max_cosine < delta / np.sqrt(n):
         return _CHANNEL_VIEW
     grad_param = grad_grad = param_param = 0.0
@@ -401,8 +424,8 @@ def _decide(sums, rows, n, eps, delta):
         grad_param += sums[0, r]
         grad_grad += sums[1, r]
         param_param += sums[2, r]
-    cosine = abs(grad_param) / (max(np.sqrt(grad_grad), eps) * max(np.sqrt(param_param), eps))
-    return _LAYER_VIEW if cosine < delta / np.sqrt(n * rows) else _NO_PROJECTION
+    layer = _cosine(grad_param, grad_grad, param_param, eps) < delta / np.sqrt(n * rows)
+    return _LAYER_VIEW if layer else _NO_PROJECTION
 
 
 @njit(inline="always", fastmath={"reassoc", "contract", "nsz"})
@@ -427,17 +450,15 @@ def _adam_row(param, grad, exp_avg, exp_avg_sq, a, n, view, param_param, q_row, 
                 ms[i], vs[i], q = _adam_element(gs[i], ms[i], vs[i], constants)
                 ps[i] = p * d - lr * q
         return 0.0
-    # The sum in its own loop over the row (in L1): a float64 sum in the Adam loop made LLVM take 8 floats a
-    # vector (one zmm of doubles) instead of 16.
     if moments_done:
         for i in range(n):
             q_row[i] = _direction(gs[i], ms[i], vs[i], constants)
     else:
         for i in range(n):
             ms[i], vs[i], q_row[i] = _adam_element(gs[i], ms[i], vs[i], constants)
-    param_perturb = 0.0
+    param_perturb = np.float32(0.0)
     for i in range(n):
-        param_perturb += np.float64(ps[i] * q_row[i])
+        param_perturb += ps[i] * q_row[i]
     if view == _CHANNEL_VIEW:
         c = np.float32(param_perturb / (np.sqrt(param_param) + eps) ** 2)
         for i in range(n):
