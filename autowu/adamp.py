@@ -23,8 +23,7 @@ Without a layout (no ZeRO), every tensor is taken as a whole parameter of its ow
 On the CPU the parameters a tensor holds whole take all four steps in one numba visit each, in cache, on torch's
 own OpenMP threads and while the all-reduce runs; the rows of the (at most two) parameters cut by its ends take
 two numba passes around it (``autowu.adamp_cpu``): no index scatter, no atomics, the same result on any number
-of threads (its cost against DeepSpeed's fused Adam: ``benchmarks/RESULTS.md``); on several ranks the count of
-projected parameters (``last_projected``) follows in a 1-number all-reduce that the step does not wait for. On a
+of threads (its cost against DeepSpeed's fused Adam: ``benchmarks/RESULTS.md``). On a
 GPU they are torch operations; the sums are ``torch.segment_reduce`` (CUB's segmented reduction: no atomics,
 so their rounding does not vary from run to run, as ``index_add_``'s did).
 Checked against ``timm.optim.AdamP`` in ``tests/test_adamp.py`` (1-3 ranks, boundaries through parameters).
@@ -80,12 +79,14 @@ class _Segments:
     def __init__(self, layout: FlatLayout, device: torch.device):
         # Channels ("rows") of every projected parameter (2+ dims), over the whole flat buffer, numbered in
         # parameter order; a shard holds a contiguous range of elements, hence of rows.
-        row_param, param_numels, param_rows = [], [], []
-        for shape in layout.shapes:
+        row_param, param_numels, param_rows, counted_here = [], [], [], []
+        for shape, offset in zip(layout.shapes, layout.offsets):
             if len(shape) >= 2:
                 row_param.extend([len(param_numels)] * shape[0])
                 param_numels.append(math.prod(shape))
                 param_rows.append(shape[0])
+                # counted by the rank that holds its first element (``last_projected``)
+                counted_here.append(layout.start <= offset < layout.start + layout.numel)
         self.num_rows = len(row_param)
         # Elements of 1-D parameters and padding belong to one extra row whose coefficient is 0 and ratio 1.
         # Contiguous segments of one row each: autowu.adamp_cpu's two passes on a contiguous CPU tensor.
@@ -114,6 +115,7 @@ class _Segments:
         self.inv_sqrt_row_size = torch.tensor([1 / math.sqrt(n // r) for n, r in zip(param_numels, param_rows)],
                                               device=device)
         self.inv_sqrt_param_numel = torch.tensor([1 / math.sqrt(n) for n in param_numels], device=device)
+        self.counted_here = torch.tensor(counted_here, dtype=torch.bool, device=device)
 
     def whole_parameters(self, threads: int) -> WholeParameters:
         """The CPU path's plan for the whole parameters on ``threads`` threads (built once)."""
@@ -161,7 +163,6 @@ class ZeroAdamP(Optimizer):
             p: (FlatLayout.whole(p.shape), None) for group in self.param_groups for p in group["params"]}
         self._segments: Dict[torch.Tensor, _Segments] = {}
         self._projected_counts: Tuple[Optional[torch.Tensor], ...] = ()  # the last step's (``last_projected``)
-        self._projected_reduction = None
         self._sums: Optional[torch.Tensor] = None   # the step's partial sums, reused
 
     # ------------------------------------------------------------------ layout
@@ -258,7 +259,7 @@ class ZeroAdamP(Optimizer):
             elif group["weight_decay"] > 0:
                 p.mul_(1.0 - group["lr"] * group["weight_decay"])
             p.add_(perturb, alpha=-step_size)
-        self._count_projected(projected, projected_here, process_group)
+        self._count_projected(projected, projected_here)
         return loss
 
     def _sums_buffer(self, size: int, work) -> Optional[torch.Tensor]:
@@ -277,25 +278,18 @@ class ZeroAdamP(Optimizer):
 
     @property
     def last_projected(self) -> Optional[torch.Tensor]:
-        """How many parameters took the projection in the last step, over all ranks (for tests and logs)."""
-        if self._projected_reduction is not None:  # the CPU path's count, all-reduced in the background
-            self._projected_reduction.wait()
-            self._projected_reduction = None
+        """How many parameters took AdamP's projection in the last step, among those whose first element this
+        rank holds: the sum over the ranks is the model's count (on one rank, or without ZeRO, it is). Per rank,
+        so that reading it is never a collective, and the step pays no all-reduce for a number only tests and
+        logs read (0.2-0.3 ms of a 2-rank CPU step). For tests and logs."""
         counts = [torch.as_tensor(c) for c in self._projected_counts if c is not None]
         return sum(counts[1:], counts[0]) if counts else None
 
-    def _count_projected(self, projected: List[torch.Tensor], projected_here: List[int], process_group) -> None:
-        """The torch path's count is over all ranks already (its sums were all-reduced). The CPU path's (each
-        rank counts the parameters whose first element it holds) is all-reduced without waiting for it: a
-        rank's step does not wait for the slowest rank to finish counting."""
-        over_ranks = torch.stack(projected).sum() if projected else None
-        here = sum(projected_here) if projected_here else None   # a tensor only when asked for, or to reduce
-        if here is not None and process_group is not None:
-            here = torch.tensor(here)
-            self._projected_reduction = dist.all_reduce(here, group=process_group, async_op=True)
-        else:
-            self._projected_reduction = None
-        self._projected_counts = (over_ranks, here)
+    def _count_projected(self, projected: List[torch.Tensor], projected_here: List[int]) -> None:
+        """The torch path's counts (tensors, on the device: no host synchronisation) and the CPU path's (ints),
+        each over the parameters whose first element this rank holds."""
+        self._projected_counts = (torch.stack(projected).sum() if projected else None,
+                                  sum(projected_here) if projected_here else None)
 
     @staticmethod
     def _fused(p: torch.Tensor, segments: "_Segments") -> bool:
@@ -414,8 +408,8 @@ def _project(sums: torch.Tensor, segments: _Segments, group: dict):
     """AdamP's projection decision from complete channel sums, on the device (no host synchronisation).
 
     Returns per row (one extra 0 row for elements of 1-D parameters and padding) the coefficient c of
-    ``perturb -= c * param`` and whether weight decay is scaled by ``wd_ratio``; and how many parameters
-    were projected.
+    ``perturb -= c * param`` and whether weight decay is scaled by ``wd_ratio``; and how many parameters whose
+    first element this tensor holds were projected.
     """
     eps, delta = group["eps"], group["delta"]
     rows = segments.num_rows
@@ -442,7 +436,7 @@ def _project(sums: torch.Tensor, segments: _Segments, group: dict):
                               torch.where(row_layer, layer_coefficient[row_param], 0.0))
     coefficient = torch.cat([coefficient, coefficient.new_zeros(1)])
     uses_wd_ratio = torch.cat([row_channel | row_layer, row_channel.new_zeros(1)])
-    return coefficient, uses_wd_ratio, (channel | layer).sum()
+    return coefficient, uses_wd_ratio, ((channel | layer) & segments.counted_here).sum()
 
 
 def zero_partition_layouts(zero_optimizer) -> List[Tuple[torch.Tensor, FlatLayout, object]]:
