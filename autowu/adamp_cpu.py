@@ -376,9 +376,9 @@ def _one_parameter(param, grad, exp_avg, exp_avg_sq, a0, rows, n, projects, sums
 def _adam_and_sums(param, grad, exp_avg, exp_avg_sq, a, n, q_row, constants):
     """One row's Adam moments and update direction (into ``q_row``) and its four sums: grad.param, grad.grad,
     param.param and param.perturb, in one visit of the four arrays (streamed together, as a fused Adam streams
-    them: a pass over param and grad first, then one over the moments, was 17-26% slower on ResNet-50 when memory
-    was fast). The sums are float32, as torch sums float32 tensors (timm's AdamP): float64 sums take 8 floats a
-    vector instead of 16."""
+    them: a loop over param and grad first, then one over the moments, took 11-17% longer on ResNet-50 when
+    memory was fast, 19-20% with float64 sums). The sums are float32, as torch sums float32 tensors (timm's
+    AdamP): float64 sums take 8 floats a vector instead of 16."""
     gs, ps, ms, vs = grad[a:a + n], param[a:a + n], exp_avg[a:a + n], exp_avg_sq[a:a + n]
     grad_param = grad_grad = param_param = param_perturb = np.float32(0.0)
     for i in range(n):
@@ -480,7 +480,8 @@ def _undo_channel_row(param, grad, exp_avg, exp_avg_sq, a, n, c, beta1, eps, sqr
     """A row stepped in the channel view back to its value before the step: ``p' = p * (d + lr c) - lr q``
     solved for p, with q from the moments. Exact to float32 rounding (a few units in the last place, against
     timm's AdamP to 1e-6 in the tests), and taken only by a parameter whose row after this one broke the channel
-    view: in a real ResNet-50 step, none (the classifier breaks it at its first row)."""
+    view: in the benchmark's ResNet-50 step, none (every convolution takes the channel view; the classifier
+    breaks it at its first row, 913 of its 1,000 rows being over the bound)."""
     constants = _adam_constants(beta1, 0.0, eps, sqrt_bias_correction2, nesterov)
     lr = np.float32(step_size)
     scale = np.float32(1.0) / (d + lr * c)
@@ -513,7 +514,7 @@ def _apply_rows(param, grad, exp_avg, exp_avg_sq, a, n, c, beta1, eps, sqrt_bias
 
 # A whole parameter's step, with as little memory traffic as AdamP allows (``_one_parameter``): in the channel
 # view each row is read and written once, as a fused Adam reads four arrays and writes three. Deciding first, in
-# a pass of its own over param and grad, read six arrays (the engine's ResNet-50 kernel took 10-13% longer).
+# a pass of its own over param and grad, read six arrays: the ResNet-50 kernel took 10-13% longer.
 #
 # The parameters run on torch's own threads. numba's thread pool (TBB, or OpenMP from another copy of the
 # runtime than torch's) would share the cores with torch's OpenMP workers, which spin for milliseconds after
