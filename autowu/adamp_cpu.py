@@ -258,6 +258,9 @@ def decide_cut_parameters(sums, row0, rows, row_size, counted_here, eps, delta, 
                 param_perturb += block[3, r]
             for r in range(n_rows):
                 coefficient[a + r] = param_perturb / (np.sqrt(param_param) + eps) ** 2
+        else:   # ``coefficient`` is kept from step to step: a parameter not projected now may have been before
+            for r in range(n_rows):
+                coefficient[a + r] = 0.0
         for r in range(n_rows):
             views[a + r] = view
         if view != _NO_PROJECTION and counted_here[k]:

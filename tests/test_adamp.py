@@ -140,14 +140,11 @@ def weight_gradients(weight, view, breaking_row, step):
     return g.reshape(weight.shape)
 
 
-@pytest.mark.parametrize("nesterov", [False, True])
-@pytest.mark.parametrize("view,breaking_row", [("channel", None), ("layer", 3), ("layer", 7), ("layer", 12),
-                                               ("none", 3), ("none", 12)])
-def test_a_parameter_cut_by_a_partition_boundary_equals_timms_adamp(view, breaking_row, nesterov):
-    """ZeRO cuts a (16, 3, 3, 3) weight at element 200, inside row 7: each side's rows are stepped in the channel
-    view before the all-reduce where their own sums allow, and taken back after it where the whole parameter did
-    not take that view. Both sides' passes run here as two ranks run them, the sums added as the all-reduce adds
-    them: the result equals timm's AdamP in every view, wherever the row that breaks the channel view lies."""
+def step_a_cut_weight_like_timm(views, nesterov):
+    """ZeRO cuts a (16, 3, 3, 3) weight at element 200, inside row 7, and both sides' passes run here as two ranks
+    run them, the sums added as the all-reduce adds them; step ``k`` takes gradients built for ``views[k]`` (a
+    view and the row that breaks the channel view). Asserts timm's AdamP's parameters and moments to 1e-6;
+    returns the rows stepped before the all-reduce."""
     import math
 
     import numpy as np
@@ -168,7 +165,7 @@ def test_a_parameter_cut_by_a_partition_boundary_equals_timms_adamp(view, breaki
         sides.append((slice(start, start + size), CutRows(shared, cut_parameters(shapes, offsets, start, size),
                                                           num_rows, threads=2)))
     stepped_rows = set()
-    for step in range(1, 5):
+    for step, (view, breaking_row) in enumerate(views, start=1):
         g = weight_gradients(theirs.detach(), view, breaking_row, step)
         assert timm_view(theirs.detach(), g) == view
         grad = g.reshape(-1).numpy().copy()
@@ -180,21 +177,57 @@ def test_a_parameter_cut_by_a_partition_boundary_equals_timms_adamp(view, breaki
             plan.first_pass(ours[where], grad[where], exp_avg[where], exp_avg_sq[where], sums, 0.9, 0.999,
                             **constants)
             partial.append(sums)
-            first_rows = plan.segments.row[plan.stepped.astype(bool)]
-            stepped_rows.update(first_rows.tolist())
+            stepped_rows.update(plan.segments.row[plan.stepped.astype(bool)].tolist())
         complete = partial[0] + partial[1]   # the all-reduce
         count = sum(plan.second_pass(ours[where], grad[where], exp_avg[where], exp_avg_sq[where], complete.copy(),
                                      0.9, decay=1 - 0.01 * 0.1, **constants) for where, plan in sides)
         theirs.grad = g.clone()
         reference.step()
         assert count == (0 if view == "none" else 1)
+        expected = theirs.detach().reshape(-1)
+        assert torch.allclose(torch.from_numpy(ours), expected, rtol=1e-6, atol=1e-6), step
+        for mine, name in ((exp_avg, "exp_avg"), (exp_avg_sq, "exp_avg_sq")):   # updated once a step, never twice
+            timms = reference.state[theirs][name].reshape(-1)
+            assert ((torch.from_numpy(mine) - timms).abs().max() / timms.abs().max()).item() < 1e-6, name
+    return stepped_rows
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("view,breaking_row", [("channel", None), ("layer", 3), ("layer", 7), ("layer", 12),
+                                               ("none", 3), ("none", 12)])
+def test_a_parameter_cut_by_a_partition_boundary_equals_timms_adamp(view, breaking_row, nesterov):
+    """Each side's rows are stepped in the channel view before the all-reduce where their own sums allow, and
+    taken back after it where the whole parameter did not take that view: the result equals timm's AdamP in
+    every view, wherever the row that breaks the channel view lies."""
+    stepped_rows = step_a_cut_weight_like_timm([(view, breaking_row)] * 4, nesterov)
     # rows on both sides were stepped before the all-reduce (and, in the layer view or none, taken back)
     assert any(r < 7 for r in stepped_rows) and any(r > 7 for r in stepped_rows) and 7 not in stepped_rows
-    expected = theirs.detach().reshape(-1)
-    assert torch.allclose(torch.from_numpy(ours), expected, rtol=1e-6, atol=1e-6)
-    for mine, name in ((exp_avg, "exp_avg"), (exp_avg_sq, "exp_avg_sq")):   # updated once a step, never twice
-        timms = reference.state[theirs][name].reshape(-1)
-        assert ((torch.from_numpy(mine) - timms).abs().max() / timms.abs().max()).item() < 1e-6, name
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_a_cut_parameter_whose_view_changes_from_step_to_step_equals_timms_adamp(nesterov):
+    """The cut rows' plan keeps its per-row coefficients from step to step: a parameter projected at one step and
+    not at the next must not take the old coefficient."""
+    step_a_cut_weight_like_timm([("channel", None), ("none", 3), ("layer", 12), ("none", 12), ("channel", None),
+                                 ("layer", 3)], nesterov)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_a_whole_parameter_whose_view_changes_from_step_to_step_equals_timms_adamp(nesterov):
+    torch.manual_seed(0)
+    weight = torch.randn(16, 3, 3, 3)
+    ours, theirs = torch.nn.Parameter(weight.clone()), torch.nn.Parameter(weight.clone())
+    opt = ZeroAdamP([ours], lr=0.01, weight_decay=0.1, nesterov=nesterov)
+    reference = timm.optim.AdamP([theirs], lr=0.01, weight_decay=0.1, nesterov=nesterov)
+    views = [("channel", None), ("none", 3), ("layer", 12), ("none", 12), ("channel", None), ("layer", 3)]
+    for step, (view, breaking_row) in enumerate(views, start=1):
+        g = weight_gradients(theirs.detach(), view, breaking_row, step)
+        assert timm_view(theirs.detach(), g) == view
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        opt.step()
+        reference.step()
+        assert int(opt.last_projected) == (0 if view == "none" else 1)
+        assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-6), step
 
 
 def test_the_cpu_path_refuses_a_moment_it_cannot_step_in_place():
