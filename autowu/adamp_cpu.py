@@ -119,9 +119,11 @@ def cut_rows_first_pass(param, grad, exp_avg, exp_avg_sq, perturb, first, length
             sums[0, r], sums[1, r], sums[2, r], sums[3, r] = _adam_and_sums(param, grad, exp_avg, exp_avg_sq, a, n,
                                                                             q_row, constants)
             ps, qs = param[a:a + n], q_row[:n]
-            stepped[s] = n == row_size[s] and _cosine(sums[0, r], sums[1, r], sums[2, r], eps) < delta / np.sqrt(n)
-            if stepped[s]:   # the coefficient from the stored sums: as the second pass and the decision see them
-                c = channel_coefficient(sums[3, r], sums[2, r], eps)
+            # the coefficient from the stored sums: as the second pass and the decision see them
+            c = channel_coefficient(sums[3, r], sums[2, r], eps)
+            stepped[s] = (n == row_size[s] and _cosine(sums[0, r], sums[1, r], sums[2, r], eps) < delta / np.sqrt(n)
+                          and _can_take_back(d, lr, c))
+            if stepped[s]:
                 for i in range(n):
                     p = ps[i]
                     ps[i] = p * d - lr * (qs[i] - c * p)
@@ -343,6 +345,8 @@ def _one_parameter(param, grad, exp_avg, exp_avg_sq, a0, rows, n, projects, sums
         if not _cosine(sums[0, done], sums[1, done], sums[2, done], eps) < bound:
             break
         c = np.float32(sums[3, done] / (np.sqrt(sums[2, done]) + eps) ** 2)
+        if not _can_take_back(d_channel, lr, c):
+            break
         ps = param[a:a + n]
         for i in range(n):   # the row is in the L1 cache
             p = ps[i]
@@ -350,8 +354,9 @@ def _one_parameter(param, grad, exp_avg, exp_avg_sq, a0, rows, n, projects, sums
         done += 1
     if done == rows:
         return 1
-    # Not the channel view: the rows stepped in it go back to their parameter's values; their moments, and the
-    # breaking row's, stay updated. The other rows are summed, and the parameter takes the view its sums give.
+    # A row broke the channel view (or could not be stepped ahead: ``_can_take_back``): the rows stepped in it go
+    # back to their values; their moments, and that row's, stay updated. The other rows are summed, and the
+    # parameter takes the view its sums give (the channel view too, where only the second reason stopped it).
     for r in range(done):
         coefficient = np.float32(sums[3, r] / (np.sqrt(sums[2, r]) + eps) ** 2)
         _undo_channel_row(param, grad, exp_avg, exp_avg_sq, a0 + r * n, n, coefficient, beta1, eps,
@@ -406,6 +411,15 @@ def _row_sums(grad, param, a, n):
         grad_grad += g * g
         param_param += p * p
     return grad_param, grad_grad, param_param
+
+
+@njit(inline="always")
+def _can_take_back(d, lr, c):
+    """Whether a row stepped in the channel view, ``p' = p (d + lr c) - lr q``, can be taken back to float32
+    precision: ``d + lr c`` (at most 1 - lr wd wd_ratio, and below it where the update direction points back along
+    the row) far from 0. Where it is near 0, the row is not stepped ahead of the decision, and the parameter takes
+    the deciding path: the take-back would divide rounding errors by it."""
+    return abs(d + lr * c) >= np.float32(0.5)
 
 
 @njit(inline="always")

@@ -1,6 +1,7 @@
 """autowu's ZeRO-aware AdamP against timm's AdamP: in one process, and in real ZeRO-1/2 engines on 1-3 CPU ranks
 whose partitions cut through parameters (tests/ds_scripts/zero_adamp.py)."""
 import json
+import math
 
 import pytest
 import timm.optim
@@ -228,6 +229,47 @@ def test_a_whole_parameter_whose_view_changes_from_step_to_step_equals_timms_ada
         reference.step()
         assert int(opt.last_projected) == (0 if view == "none" else 1)
         assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-6), step
+
+
+@pytest.mark.parametrize("view,breaking_row", [("channel", None), ("none", 12)])
+def test_a_row_that_could_not_be_taken_back_is_not_stepped_ahead(view, breaking_row):
+    """A row stepped in the channel view is taken back by dividing by ``d + lr c``. Moments that point the update
+    direction back along row 3, at an LR that brings ``d + lr c`` to 0.01 there, would make that division multiply
+    rounding errors by 100: the row is not stepped ahead, and the result still equals timm's AdamP (in the channel
+    view, and where row 12 breaks it)."""
+    torch.manual_seed(0)
+    weight = torch.randn(16, 3, 3, 3)
+    lr = 0.01
+    ours, theirs = torch.nn.Parameter(weight.clone()), torch.nn.Parameter(weight.clone())
+    opt = ZeroAdamP([ours], lr=lr, weight_decay=0.1)
+    reference = timm.optim.AdamP([theirs], lr=lr, weight_decay=0.1)
+    g = weight_gradients(weight, "channel", None, 1)   # a first step, to have the state
+    ours.grad, theirs.grad = g.clone(), g.clone()
+    opt.step()
+    reference.step()
+    # This step's direction of row 3, q = m / (sqrt(v) / sqrt(bc2) + eps) with m = 0.9 m0 + 0.1 g, v = 0.999 v0 + ..:
+    # m0 along -w[3] with v0 = 1, so that lr c = lr (w . q) / |w|^2 = 0.01 - d.
+    p = theirs.detach().reshape(16, -1).clone()
+    g = weight_gradients(theirs.detach(), view, breaking_row, 2)
+    step_size = lr / (1 - 0.9 ** 2)
+    d = 1 - lr * 0.1 * 0.1
+    v0 = torch.ones(16, 27)
+    v = 0.999 * v0 + 0.001 * g.reshape(16, -1) ** 2
+    denom = v.sqrt() / math.sqrt(1 - 0.999 ** 2) + 1e-8
+    # (0.9 alpha (-p3) + 0.1 g3) / denom . p3 / |p3|^2 = (0.01 - d) / step_size, solved for alpha
+    target = (0.01 - d) / step_size * (p[3] * p[3]).sum()
+    along, other = (-0.9 * p[3] / denom[3] * p[3]).sum(), (0.1 * g.reshape(16, -1)[3] / denom[3] * p[3]).sum()
+    m0 = torch.zeros(16, 27)
+    m0[3] = -p[3] * (target - other) / along
+    for state in (opt.state[ours], reference.state[theirs]):
+        state["exp_avg"].copy_(m0.reshape(weight.shape))
+        state["exp_avg_sq"].copy_(v0.reshape(weight.shape))
+    ours.grad, theirs.grad = g.clone(), g.clone()
+    opt.step()
+    reference.step()
+    q3 = opt.state[ours]["exp_avg"].reshape(16, -1)[3] / denom[3]
+    assert abs(d + step_size * (q3 * p[3]).sum().item() / (p[3] * p[3]).sum().item() - 0.01) < 1e-3   # as built
+    assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-6)
 
 
 def test_the_cpu_path_refuses_a_moment_it_cannot_step_in_place():
