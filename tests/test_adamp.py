@@ -89,6 +89,22 @@ def test_each_view_of_the_cpu_path_equals_timms_adamp(view, nesterov):
     assert ((ours - theirs).norm() / theirs.norm()).item() < 1e-6
 
 
+def weight_gradients(weight, view, breaking_row, step, seed=300):
+    """A gradient for ``weight`` (rows x ...) that takes ``view`` in timm's AdamP, every row orthogonal to its
+    weight but ``breaking_row`` (None: all)."""
+    rows = weight.shape[0]
+    w = weight.reshape(rows, -1)
+    g = torch.randn(w.shape, generator=torch.Generator().manual_seed(seed + step))
+    g -= w * ((g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True))   # orthogonal to each channel
+    if breaking_row is not None:
+        # along its weight: a cosine of 0.1 (0.45 without a projection), over the channel bound of 0.019
+        along = 0.1 if view == "layer" else 0.5
+        g[breaking_row] += along * w[breaking_row] * g[breaking_row].norm() / w[breaking_row].norm()
+    if view == "layer":   # orthogonal to the weight as a whole again; the other rows' cosines stay under 0.01
+        g -= w * ((g * w).sum() / (w * w).sum())
+    return g.reshape(weight.shape)
+
+
 @pytest.mark.parametrize("nesterov", [False, True])
 @pytest.mark.parametrize("view", ["layer", "none"])
 @pytest.mark.parametrize("breaking_row", [0, 7, 15])
@@ -104,14 +120,7 @@ def test_a_parameter_that_breaks_the_channel_view_late_equals_timms_adamp(breaki
     reference = timm.optim.AdamP([theirs], lr=0.01, weight_decay=0.1, nesterov=nesterov)
     for step in range(4):   # each step's gradient built on the weight as it is then
         w = theirs.detach().reshape(16, -1)
-        g = torch.randn(16, 27, generator=torch.Generator().manual_seed(200 + step))
-        g -= w * ((g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True))   # orthogonal to each channel
-        # along its weight: a cosine of 0.1 (0.45 without a projection), over the channel bound of 0.019
-        along = 0.1 if view == "layer" else 0.5
-        g[breaking_row] += along * w[breaking_row] * g[breaking_row].norm() / w[breaking_row].norm()
-        if view == "layer":   # orthogonal to the weight as a whole again; the other rows' cosines stay under 0.01
-            g -= w * ((g * w).sum() / (w * w).sum())
-        g = g.reshape(weight.shape)
+        g = weight_gradients(theirs.detach(), view, breaking_row, step, seed=200)
         rows = torch.nn.functional.cosine_similarity(g.reshape(16, -1), w, dim=1, eps=1e-8).abs()
         broken = (rows >= 0.1 / 27 ** 0.5).nonzero().flatten().tolist()
         assert broken[0] == breaking_row and timm_view(theirs.detach(), g) == view
@@ -124,21 +133,6 @@ def test_a_parameter_that_breaks_the_channel_view_late_equals_timms_adamp(breaki
             assert ((mine - timms).abs().max() / timms.abs().max()).item() < 1e-6, name
     assert ((ours - theirs).norm() / theirs.norm()).item() < 1e-6
     assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-6)   # every element, the rows taken back included
-
-
-def weight_gradients(weight, view, breaking_row, step):
-    """A gradient for ``weight`` (rows x ...) that takes ``view`` in timm's AdamP, every row orthogonal to its
-    weight but ``breaking_row`` (None: all)."""
-    rows = weight.shape[0]
-    w = weight.reshape(rows, -1)
-    g = torch.randn(w.shape, generator=torch.Generator().manual_seed(300 + step))
-    g -= w * ((g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True))   # orthogonal to each channel
-    if breaking_row is not None:
-        along = 0.1 if view == "layer" else 0.5
-        g[breaking_row] += along * w[breaking_row] * g[breaking_row].norm() / w[breaking_row].norm()
-    if view == "layer":
-        g -= w * ((g * w).sum() / (w * w).sum())
-    return g.reshape(weight.shape)
 
 
 def step_a_cut_weight_like_timm(views, nesterov):
