@@ -12,13 +12,15 @@ from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence
 
 WARMUP_TYPES = ("exp", "linear")
-COOLDOWN_TYPES = ("cosine", "half_cosine")
+COOLDOWN_TYPES = ("cosine", "half_cosine", "linear")
 
 
 def cooldown_factor(progress: float, cooldown_type: str) -> float:
-    """LR multiplier at ``progress`` in [0, 1] of the cooldown: 1 -> 0 for cosine; 0.5 -> 0 for the paper's
-    half_cosine (the second half of a cosine, which halves the LR when the cooldown begins)."""
+    """LR multiplier at ``progress`` in [0, 1] of the cooldown: 1 -> 0 for cosine and linear; 0.5 -> 0 for the
+    paper's half_cosine (the second half of a cosine, which halves the LR when the cooldown begins)."""
     progress = min(max(progress, 0.0), 1.0)
+    if cooldown_type == "linear":
+        return 1.0 - progress
     if cooldown_type == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     return 0.5 + 0.5 * math.cos(0.5 * math.pi * (1.0 + progress))

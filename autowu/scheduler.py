@@ -101,7 +101,8 @@ class AutoWU:
         max_warmup_fraction: the warmup cap, as a fraction of all steps (the mode's: 0.2, the paper 0.5).
         warmup_type: ``"exp"`` (the paper's) or ``"linear"``.
         immediate_cooldown: cosine from the switch to 0; otherwise constant, then the cooldown.
-        cooldown_type: ``"cosine"`` or ``"half_cosine"`` (the paper's code's variant).
+        cooldown_type: ``"cosine"``, ``"half_cosine"`` (the paper's code's variant) or ``"linear"`` (straight to
+            0; measured against the cosine in ``benchmarks/RESULTS.md``, issue 19: no better on any task).
         cooldown_fraction: the last fraction of steps spent in cooldown when not ``immediate_cooldown``.
         device: where losses are buffered; by default the device of the first loss (no copy, no sync).
         patience: passing tests in a row that end the warmup (the mode's: 2, the paper 3).

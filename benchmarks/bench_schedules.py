@@ -52,6 +52,7 @@ DIAGNOSTICS = ("oracle", "rerun")  # the grid's shape at a default run's peak
 ADAM_GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 SGD_GRID = [3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0]
 GRID_WARMUP_FRACTION = 0.05
+AUTOWU_MIN_LR = 1e-5   # AutoWU's default min_lr: where the diagnostics' exp warmup starts
 
 
 @dataclass(frozen=True)
@@ -142,15 +143,20 @@ def build_rival(method: str, kind: str, params, total_steps: int):
 
 
 class GridSchedule:
-    """Linear warmup over the first 5% of steps to ``peak_lr``, then a cosine to 0."""
+    """Warmup over the first ``warmup_fraction`` of steps (the grid's: linear over 5%) to ``peak_lr``, then a
+    cosine to 0. The ``exp`` warmup is AutoWU's ramp shape (from its ``min_lr``, 1e-5) without its tests."""
 
-    def __init__(self, optimizer, total_steps: int, peak_lr: float):
+    def __init__(self, optimizer, total_steps: int, peak_lr: float,
+                 warmup_fraction: float = GRID_WARMUP_FRACTION, warmup_shape: str = "linear"):
         self.optimizer, self.total_steps, self.peak_lr = optimizer, total_steps, peak_lr
-        self.warmup_steps = max(1, round(GRID_WARMUP_FRACTION * total_steps))
+        self.warmup_steps = max(1, round(warmup_fraction * total_steps))
+        self.warmup_shape = warmup_shape
         self.last_step = 0
         self._set()
 
     def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps and self.warmup_shape == "exp":
+            return AUTOWU_MIN_LR * (self.peak_lr / AUTOWU_MIN_LR) ** ((step + 1) / self.warmup_steps)
         if step < self.warmup_steps:
             return self.peak_lr * (step + 1) / self.warmup_steps
         progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
@@ -166,8 +172,10 @@ class GridSchedule:
 
 
 def run(task_name: str, seed: int, method: str, peak_lr: Optional[float] = None,
-        autowu_kwargs: Optional[Dict] = None) -> Dict:
-    """One training run; returns its result (and, for AutoWU, its losses and tests)."""
+        autowu_kwargs: Optional[Dict] = None, warmup_fraction: float = GRID_WARMUP_FRACTION,
+        warmup_shape: str = "linear") -> Dict:
+    """One training run; returns its result (and, for AutoWU, its losses and tests). ``warmup_fraction`` and
+    ``warmup_shape``: the diagnostics' warmup (``--diagnostic_warmup``)."""
     torch.set_num_threads(1)
     task = TASKS[task_name]
     x_train, y_train, x_test, y_test = load(task.data)
@@ -182,12 +190,15 @@ def run(task_name: str, seed: int, method: str, peak_lr: Optional[float] = None,
     if method in RIVALS:
         if hasattr(optimizer, "train"):
             optimizer.train()  # schedule-free: gradients at y (the training point)
-    elif method in ("grid",) + DIAGNOSTICS:
+    elif method == "grid":
         scheduler = GridSchedule(optimizer, total_steps, peak_lr)
+    elif method in DIAGNOSTICS:
+        scheduler = GridSchedule(optimizer, total_steps, peak_lr, warmup_fraction, warmup_shape)
     else:
-        scheduler = AutoWU(optimizer, steps_per_epoch, task.epochs, immediate_cooldown=True,
-                           cooldown_type="cosine", mode="paper" if method == "paper" else "default",
-                           **(autowu_kwargs if method == "default" and autowu_kwargs else {}))
+        options = dict(immediate_cooldown=True, cooldown_type="cosine",
+                       mode="paper" if method == "paper" else "default")
+        options.update(autowu_kwargs if method == "default" and autowu_kwargs else {})
+        scheduler = AutoWU(optimizer, steps_per_epoch, task.epochs, **options)
     order_rng = torch.Generator().manual_seed(1000 + seed)
     spike_rng = np.random.default_rng(2000 + seed)
     criterion = torch.nn.CrossEntropyLoss()
@@ -235,6 +246,7 @@ def run(task_name: str, seed: int, method: str, peak_lr: Optional[float] = None,
         logits = model(x_test)
         top1 = float((logits.argmax(1) == y_test).float().mean()) if torch.isfinite(logits).all() else 0.1
     result = {"task": task_name, "seed": seed, "method": method, "peak_lr": peak_lr, "top1": top1 * 100,
+              **({"warmup_fraction": warmup_fraction, "warmup_shape": warmup_shape} if method in DIAGNOSTICS else {}),
               "scheduler_seconds": scheduler_seconds, "steps_per_epoch": steps_per_epoch, "epochs": task.epochs}
     if method == "prodigy":  # the LR Prodigy arrived at: d times the (cosine-scaled) lr, at its largest
         result.update(peak_lr=max_prodigy_lr)
@@ -372,9 +384,21 @@ def main():
                         "(to measure variants)")
     parser.add_argument("--reuse", default=None,
                         help="a JSON written by --out whose runs of the methods not run now are taken over")
+    parser.add_argument("--diagnostic_warmup", default=f"{GRID_WARMUP_FRACTION:g}",
+                        help="the oracle's and rerun's warmup: a fraction of the run (the grid's 0.05), or 'switch' "
+                             "(each seed's default run's own switch step: its timing without its search)")
+    parser.add_argument("--diagnostic_shape", default="linear", choices=("linear", "exp"),
+                        help="the oracle's and rerun's warmup shape: the grid's linear one, or AutoWU's exponential "
+                             f"ramp from {AUTOWU_MIN_LR:g} (without its tests)")
     args = parser.parse_args()
     methods, tasks = args.methods.split(","), args.tasks.split(",")
     seeds = list(map(int, args.seeds.split(",")))
+    if args.diagnostic_warmup != "switch":
+        try:
+            if not 0 < float(args.diagnostic_warmup) < 1:
+                raise ValueError
+        except ValueError:
+            parser.error(f"--diagnostic_warmup: a fraction in (0, 1) or 'switch', got {args.diagnostic_warmup!r}")
     unknown = set(methods) - set(AUTOWU_METHODS + RIVALS + DIAGNOSTICS + ("grid",))
     if unknown or set(tasks) - set(TASKS):
         parser.error(f"unknown methods {sorted(unknown)} or tasks {sorted(set(tasks) - set(TASKS))}")
@@ -404,11 +428,18 @@ def main():
     with Pool(args.workers) as pool:
         _run_all(pool, jobs, results)
         for method in diagnostics:  # after the default runs whose peaks they take
-            peaks = {(r["task"], r["seed"]): r["peak_lr"] for r in
-                     (results if "default" in methods else earlier) if r["method"] == "default"}
+            defaults = {(r["task"], r["seed"]): r for r in
+                        (results if "default" in methods else earlier) if r["method"] == "default"}
             # oracle: the seed's own peak; rerun: the next seed's, found on another initialisation and batch order
             found_by = {s: s if method == "oracle" else seeds[(i + 1) % len(seeds)] for i, s in enumerate(seeds)}
-            _run_all(pool, [(t, s, method, peaks[(t, found_by[s])]) for t in tasks for s in seeds], results)
+
+            def warmup(t, s):  # the fraction given, or the switch of the seed's own default run
+                if args.diagnostic_warmup != "switch":
+                    return float(args.diagnostic_warmup)
+                d = defaults[(t, s)]
+                return d["switch_step"] / (d["steps_per_epoch"] * d["epochs"])
+            _run_all(pool, [(t, s, method, defaults[(t, found_by[s])]["peak_lr"], None, warmup(t, s),
+                             args.diagnostic_shape) for t in tasks for s in seeds], results)
     if args.reuse:
         results += [r for r in earlier if r["method"] not in methods and r["task"] in tasks]
     summary = summarise(results)

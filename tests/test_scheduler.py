@@ -283,6 +283,13 @@ def test_cooldowns_reach_zero_at_the_last_step():
     assert lrs[half.switch_step] == pytest.approx(half.peak_lr * 0.5)  # the paper's half_cosine
     assert half.get_last_lr() == [0.0]
 
+    linear = make(immediate_cooldown=True, cooldown_type="linear")
+    lrs = run_scheduler(linear, CURVES["default"], seed=5)
+    s, total = linear.switch_step, linear.total_steps
+    assert lrs[s] == linear.peak_lr and linear.get_last_lr() == [0.0]
+    for step in (s + 1, (s + total) // 2, total - 1):  # a straight line from the peak to 0 at the last step
+        assert lrs[step] == pytest.approx(linear.peak_lr * (1 - (step - s) / (total - s)))
+
 
 def _roundtrip(state):
     buffer = io.BytesIO()
@@ -354,7 +361,7 @@ def test_resume_refuses_other_settings():
 
 def test_bad_input_is_rejected_clearly():
     with pytest.raises(ValueError, match="cooldown_type"):
-        make(cooldown_type="linear")
+        make(cooldown_type="linear_decay")
     with pytest.raises(ValueError, match="steps_per_epoch"):
         make(steps_per_epoch=0)
     with pytest.raises(ValueError, match="min_lr"):
