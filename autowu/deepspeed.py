@@ -52,7 +52,9 @@ from .settings import check_types, from_mapping, unknown_keys_error
 
 SCHEDULER_TYPE = "AutoWU"
 OPTIMIZER_TYPE = "AdamP"
-_AUTOWU_PARAMS = set(inspect.signature(AutoWU.__init__).parameters) - {"self", "optimizer"}
+# model and rollback_keep serve rollback, which takes back the client optimizer's state: under ZeRO that state is
+# partitioned and the fp16 weights are kept apart from it, so rollback is refused here (autowu_params) until built.
+_AUTOWU_PARAMS = set(inspect.signature(AutoWU.__init__).parameters) - {"self", "optimizer", "model", "rollback_keep"}
 _ADAMP_PARAMS = set(inspect.signature(ZeroAdamP.__init__).parameters) - {"self", "params"}
 # timm optimizers whose update depends on each parameter's shape: on ZeRO's flat 1-D partitions they silently
 # become something else (AdamP/SGDP lose the projection, LAMB/LARS the trust ratio, Adafactor its factoring).
@@ -189,6 +191,10 @@ def autowu_params(config: Dict[str, Any], **overrides) -> Optional[Dict[str, Any
     unknown = set(params) - _AUTOWU_PARAMS - {FRAMEWORK_TOTAL_STEPS}
     if unknown:
         raise unknown_keys_error("scheduler AutoWU params", unknown, _AUTOWU_PARAMS | {FRAMEWORK_TOTAL_STEPS})
+    if params.get("rollback"):
+        raise ValueError("scheduler AutoWU: rollback is not available under DeepSpeed yet (ZeRO partitions the "
+                         "optimizer's state and keeps the fp16 weights apart from it; taking them back at the switch "
+                         "is not built): remove it from the scheduler params")
     unfilled = sorted(key for key, value in params.items() if value == "auto")
     if unfilled:
         raise ValueError(f"scheduler AutoWU: params {unfilled} still say \"auto\": the program that built the engine "

@@ -1,0 +1,147 @@
+"""AutoWU(rollback=True): at the switch, the training state goes back to the last GP test at or below the peak.
+
+Real training on scikit-learn's digits (an MLP with BatchNorm, Adam), real GP tests; each test's state is copied
+by the loop itself and compared with what the scheduler put back.
+"""
+import copy
+import io
+
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from autowu import AutoWU
+from autowu.deepspeed import autowu_params
+from autowu.rollback import SwitchRollback
+
+BATCH, EPOCHS = 64, 30
+
+
+def digits():
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    return x, torch.tensor(data.target)
+
+
+def build(seed=0, **autowu):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, _ = digits()
+    scheduler = AutoWU(optimizer, len(x) // BATCH, EPOCHS, immediate_cooldown=True, cooldown_type="cosine",
+                       **({"model": model} if autowu.get("rollback") else {}), **autowu)
+    return model, optimizer, scheduler
+
+
+def state_of(model, optimizer):
+    return {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict()["state"])}
+
+
+def train(model, optimizer, scheduler, start=0, stop=None, on_test=None):
+    """Train from optimizer step ``start`` to ``stop`` (the run's end by default) with a fixed batch order;
+    ``on_test(step, record)`` after every step that ran a GP test."""
+    x, y = digits()
+    order = torch.Generator().manual_seed(1)
+    steps_per_epoch = len(x) // BATCH
+    batches = [torch.randperm(len(x), generator=order)[i * BATCH:(i + 1) * BATCH]
+               for _ in range(EPOCHS) for i in range(steps_per_epoch)]
+    for step in range(start, len(batches) if stop is None else stop):
+        idx = batches[step]
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        optimizer.step()
+        tests = len(scheduler.history)
+        scheduler.step(loss)
+        if on_test is not None and len(scheduler.history) > tests:
+            on_test(step + 1, scheduler.history[-1])
+
+
+def test_the_switch_puts_back_the_state_of_the_last_test_at_or_below_the_peak():
+    model, optimizer, scheduler = build(rollback=True)
+    taken, at_switch = {}, {}
+
+    def on_test(step, record):
+        if record["switched"]:
+            at_switch.update(state_of(model, optimizer), step=step, record=record,
+                             lr=optimizer.param_groups[0]["lr"])
+        else:
+            taken[step] = (record["lr"], state_of(model, optimizer))
+
+    train(model, optimizer, scheduler, stop=scheduler.max_warmup_steps + 1, on_test=on_test)
+    assert scheduler.switch_step is not None
+    record = at_switch["record"]
+    below = [step for step, (lr, _) in taken.items() if lr <= scheduler.peak_lr]
+    assert record["rolled_back_to"] == max(below) < scheduler.switch_step
+    assert max(lr for lr, _ in taken.values()) > 1.5 * scheduler.peak_lr  # the ramp did run past the peak
+    back = taken[record["rolled_back_to"]][1]
+    for name, value in back["model"].items():   # the weights and BatchNorm's statistics
+        assert torch.equal(at_switch["model"][name], value), name
+    for index, moments in back["optimizer"].items():
+        for key, value in moments.items():
+            assert torch.equal(at_switch["optimizer"][index][key], value), (index, key)
+    assert at_switch["lr"] == scheduler.peak_lr   # the next step trains at the peak, from the state put back
+
+    # The decisions are those of the same run without rollback: it changes the state, not the search.
+    plain_model, plain_optimizer, plain = build()
+    train(plain_model, plain_optimizer, plain, stop=scheduler.switch_step)
+    assert (plain.switch_step, plain.peak_lr) == (scheduler.switch_step, scheduler.peak_lr)
+    assert not torch.equal(plain_model[0].weight, model[0].weight)
+
+
+def test_a_run_resumed_mid_warmup_rolls_back_and_ends_exactly_as_one_not_stopped():
+    whole_model, whole_optimizer, whole = build(rollback=True)
+    train(whole_model, whole_optimizer, whole)
+
+    model, optimizer, scheduler = build(rollback=True)
+    stop = whole.switch_step - 5     # snapshots held, the switch still to come
+    train(model, optimizer, scheduler, stop=stop)
+    assert scheduler._rollback.snapshots
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    model, optimizer, scheduler = build(seed=5, rollback=True)   # other initial weights, all overwritten
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    train(model, optimizer, scheduler, start=stop)
+    assert scheduler.history[-1]["rolled_back_to"] == whole.history[-1]["rolled_back_to"] is not None
+    for a, b in zip(whole_model.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_snapshots_only_grow_in_lr_and_are_bounded():
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([parameter], lr=0.1, momentum=0.9)
+    rollback = SwitchRollback(optimizer, [], keep=3)
+    for step, lr in enumerate([1, 2, 3, 1.5, 4, 5, 6, 7, 8]):
+        with torch.no_grad():
+            parameter.fill_(step)
+        rollback.take(step, lr)
+        lrs = [s["lr"] for s in rollback.snapshots]
+        assert lrs == sorted(set(lrs)) and len(lrs) <= 3
+    assert [s["lr"] for s in rollback.snapshots] == [6, 7, 8]
+    assert rollback.restore(6.5) == 6 and parameter.tolist() == [6.0, 6.0]
+    assert rollback.snapshots == []
+    rollback.take(9, 8)
+    assert rollback.restore(0.5) is None and parameter.tolist() == [6.0, 6.0]   # none at or below: unchanged
+
+
+def test_rollback_is_refused_where_it_cannot_do_what_it_says():
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=0.1)
+    with pytest.raises(ValueError, match="needs model="):
+        AutoWU(optimizer, 10, 5, rollback=True)
+    with pytest.raises(ValueError, match="only by rollback"):
+        AutoWU(optimizer, 10, 5, model=torch.nn.Linear(1, 1))
+    with pytest.raises(ValueError, match="rollback_keep"):
+        AutoWU(optimizer, 10, 5, rollback=True, model=torch.nn.Linear(1, 1), rollback_keep=0)
+    config = {"scheduler": {"type": "AutoWU", "params": {"steps_per_epoch": 10, "total_epochs": 5, "rollback": True}}}
+    with pytest.raises(ValueError, match="rollback is not available under DeepSpeed"):
+        autowu_params(config)
+    config["scheduler"]["params"] = {"steps_per_epoch": 10, "total_epochs": 5, "model": "resnet50"}
+    with pytest.raises(ValueError, match="unknown key 'model'"):
+        autowu_params(config)
