@@ -53,7 +53,9 @@ from .settings import check_types, from_mapping, unknown_keys_error
 SCHEDULER_TYPE = "AutoWU"
 OPTIMIZER_TYPE = "AdamP"
 # model and rollback_keep serve rollback, which takes back the client optimizer's state: under ZeRO that state is
-# partitioned and the fp16 weights are kept apart from it, so rollback is refused here (autowu_params) until built.
+# partitioned and the fp16 weights are kept apart from it, and the scheduler's state is saved from rank 0 and loaded
+# by every rank (AutoWULossHook.save_checkpoint), so per-rank snapshots cannot ride in it. Rollback is refused here
+# (autowu_params) until it is built for the engine.
 _AUTOWU_PARAMS = set(inspect.signature(AutoWU.__init__).parameters) - {"self", "optimizer", "model", "rollback_keep"}
 _ADAMP_PARAMS = set(inspect.signature(ZeroAdamP.__init__).parameters) - {"self", "params"}
 # timm optimizers whose update depends on each parameter's shape: on ZeRO's flat 1-D partitions they silently
