@@ -257,9 +257,8 @@ def run(task_name: str, seed: int, method: str, peak_lr: Optional[float] = None,
     elif method == "schedulefree":
         result.update(peak_lr=optimizer.param_groups[0]["lr"])
     if method in AUTOWU_METHODS:
-        switch = [r for r in scheduler.history if r["switched"]]
-        result.update(rolled_back_to=switch[0].get("rolled_back_to") if switch else None)
         result.update(peak_lr=scheduler.peak_lr, switch_step=scheduler.switch_step,
+                      rolled_back_to=next((r.get("rolled_back_to") for r in scheduler.history if r["switched"]), None),
                       switch_epoch=None if scheduler.switch_step is None else scheduler.switch_step / steps_per_epoch,
                       tests=[{k: r.get(k) for k in ("step", "lr", "probability", "passed", "argmin_lr",
                                                      "spikes_ignored", "nonfinite", "at_cap")}

@@ -15,13 +15,14 @@ import math
 import statistics
 from pathlib import Path
 
+from bench_schedules import TASKS, paired
+
 RESULTS = Path(__file__).resolve().parent / "results"
-TASKS = ("digits_mlp_adamw", "digits_cnn_adamp", "shifted_mlp_sgd", "digits_mlp_sgd_90ep", "shifted_cnn_adamw_spikes")
 
 
 def cell(runs, defaults, with_schedule: bool) -> str:
-    diffs = [r["top1"] - defaults[r["seed"]]["top1"] for r in runs]
-    text = f"{statistics.mean(diffs):+.2f} ({statistics.stdev(diffs) / math.sqrt(len(diffs)):.2f})"
+    mean, se = paired({r["seed"]: r["top1"] for r in runs}, {s: d["top1"] for s, d in defaults.items()})
+    text = f"{mean:+.2f} ({se:.2f})"
     if with_schedule:
         ratio = math.exp(statistics.mean(math.log(r["peak_lr"] / defaults[r["seed"]]["peak_lr"]) for r in runs))
         switch = statistics.median(100 * r["switch_epoch"] / defaults[r["seed"]]["epochs"] for r in runs)
