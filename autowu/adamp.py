@@ -102,6 +102,10 @@ class _Segments:
         self.cut_rows: Optional[CutRows] = None   # built by the first pass, used by the second
         self.device = device
         self._element_row: Optional[torch.Tensor] = None
+        if device.type != "cpu":
+            # Built now, with the layout: built at the first step, its host-to-device copy synchronised the host
+            # inside the training loop (seen on an H200 by tests/test_gpu.py).
+            self._element_row = self._build_element_row()
         # The torch path's sums: the segments tile the tensor, a channel is one segment of it (its part in this
         # tensor), so a segmented reduction gives every channel's sum; then each channel's is put in its place.
         self.segment_offsets = torch.from_numpy(np.append(self.first, layout.numel)).to(device)
@@ -133,9 +137,11 @@ class _Segments:
     def element_row(self) -> torch.Tensor:
         """Every element's row, for index_select on a GPU (or a non-contiguous CPU tensor)."""
         if self._element_row is None:
-            self._element_row = torch.repeat_interleave(torch.from_numpy(self.row).int(),
-                                                        torch.from_numpy(self.length)).to(self.device)
+            self._element_row = self._build_element_row()
         return self._element_row
+
+    def _build_element_row(self) -> torch.Tensor:
+        return torch.repeat_interleave(torch.from_numpy(self.row).int(), torch.from_numpy(self.length)).to(self.device)
 
 
 class ZeroAdamP(Optimizer):

@@ -8,7 +8,8 @@
 #                       the digits default on one GPU (tests/test_gpu.py)
 #   engine_syncs.json, digits_gpu.json   what those tests measured
 #   throughput.json     benchmarks/gpu_throughput.py: FFCV loader, FFCV + DeepSpeed training, model only,
-#                       torchvision's loader, channels_last under ZeRO; and their ratios
+#                       torchvision's loader, channels_last under ZeRO, ZeroAdamP's share of a step; and ratios
+#   adamp_flat.json     benchmarks/bench_adamp.py flat: ZeroAdamP against torch's fused AdamW on one flat buffer
 # There, with .gpu_kit copied beside the repository:  bash scripts/gpu_check.sh [OUT_DIR]
 # Here first, on the CPU:  bash scripts/gpu_check.sh --dry-run [OUT_DIR]
 #   the same steps up to the CUDA calls: the kit installs for Python 3.12 and loads without this machine's
@@ -120,12 +121,19 @@ else
   step throughput 140 "$PY" benchmarks/gpu_throughput.py --out "$OUT_DIR/throughput.json" --work_dir "$WORK/throughput"
 fi
 
+# 5. ZeroAdamP's step on ResNet-50's flat layout against torch's fused AdamW on the same buffer (issue 21).
+if [ $DRY = 1 ]; then
+  step adamp_flat 120 "$PY" benchmarks/bench_adamp.py flat --device cpu --repeats 2 --json "$OUT_DIR/adamp_flat.json"
+else
+  step adamp_flat 90 "$PY" benchmarks/bench_adamp.py flat --device cuda --json "$OUT_DIR/adamp_flat.json"
+fi
+
 "$PY" - "$OUT_DIR" "$STEPS" <<'PY'
 import json, os, sys
 out = sys.argv[1]
 steps = [json.loads(line) for line in open(sys.argv[2])]
 summary = {"steps": steps, "ok": all(s["rc"] == 0 for s in steps)}
-for name in ("env", "engine_syncs", "digits_gpu", "throughput"):
+for name in ("env", "engine_syncs", "digits_gpu", "throughput", "adamp_flat"):
     path = os.path.join(out, f"{name}.json")
     if os.path.exists(path):
         summary[name] = json.load(open(path))
