@@ -47,16 +47,17 @@ import torch.distributed as dist
 from .adamp import ZeroAdamP, zero_partition_layouts
 from .jsonfile import read_json
 from .gp import GPTestSettings
+from .rollback import EngineRollback
 from .scheduler import AutoWU
 from .settings import check_types, from_mapping, unknown_keys_error
 
 SCHEDULER_TYPE = "AutoWU"
 OPTIMIZER_TYPE = "AdamP"
-# model and rollback_keep serve rollback, which takes back the client optimizer's state: under ZeRO that state is
-# partitioned and the fp16 weights are kept apart from it, and the scheduler's state is saved from rank 0 and loaded
-# by every rank (AutoWULossHook.save_checkpoint), so per-rank snapshots cannot ride in it. Rollback is refused here
-# (autowu_params) until it is built for the engine.
-_AUTOWU_PARAMS = set(inspect.signature(AutoWU.__init__).parameters) - {"self", "optimizer", "model", "rollback_keep"}
+# model serves rollback, which under DeepSpeed takes the engine's module (``EngineRollback``, installed by attach):
+# a config names no module.
+_AUTOWU_PARAMS = set(inspect.signature(AutoWU.__init__).parameters) - {"self", "optimizer", "model"}
+# What the engine, not AutoWU's constructor, takes of the params (split_rollback).
+_ROLLBACK_PARAMS = ("rollback", "rollback_keep")
 _ADAMP_PARAMS = set(inspect.signature(ZeroAdamP.__init__).parameters) - {"self", "params"}
 # timm optimizers whose update depends on each parameter's shape: on ZeRO's flat 1-D partitions they silently
 # become something else (AdamP/SGDP lose the projection, LAMB/LARS the trust ratio, Adafactor its factoring).
@@ -193,10 +194,8 @@ def autowu_params(config: Dict[str, Any], **overrides) -> Optional[Dict[str, Any
     unknown = set(params) - _AUTOWU_PARAMS - {FRAMEWORK_TOTAL_STEPS}
     if unknown:
         raise unknown_keys_error("scheduler AutoWU params", unknown, _AUTOWU_PARAMS | {FRAMEWORK_TOTAL_STEPS})
-    if params.get("rollback"):
-        raise ValueError("scheduler AutoWU: rollback is not available under DeepSpeed yet (ZeRO partitions the "
-                         "optimizer's state and keeps the fp16 weights apart from it; taking them back at the switch "
-                         "is not built): remove it from the scheduler params")
+    if "rollback_keep" in params and not params.get("rollback"):
+        raise ValueError("scheduler AutoWU: rollback_keep is used only with \"rollback\": true")
     unfilled = sorted(key for key, value in params.items() if value == "auto")
     if unfilled:
         raise ValueError(f"scheduler AutoWU: params {unfilled} still say \"auto\": the program that built the engine "
@@ -214,6 +213,9 @@ def autowu_params(config: Dict[str, Any], **overrides) -> Optional[Dict[str, Any
     if isinstance(params.get("gp_settings"), dict):
         params["gp_settings"] = from_mapping(GPTestSettings, params["gp_settings"], "scheduler AutoWU: gp_settings")
     check_types("scheduler AutoWU params", params, typing.get_type_hints(AutoWU.__init__))
+    keep = params.get("rollback_keep", 6)
+    if keep < 1:
+        raise ValueError(f"scheduler AutoWU: rollback_keep must be a positive integer, got {keep!r}")
     missing = [k for k in ("steps_per_epoch", "total_epochs") if k not in params]
     if missing:
         raise ValueError(f"scheduler AutoWU needs {' and '.join(missing)} (optimizer steps an epoch; epochs): put "
@@ -221,6 +223,14 @@ def autowu_params(config: Dict[str, Any], **overrides) -> Optional[Dict[str, Any
                          "Hugging Face's Trainer and Accelerate fill in for \"auto\"), or pass them to "
                          "autowu.deepspeed.initialize")
     return params
+
+
+def split_rollback(params: Dict[str, Any]):
+    """``(AutoWU's constructor arguments, snapshots to keep or None)`` from ``autowu_params``' result: the engine's
+    rollback is built once the engine exists (``attach``), on its module and ZeRO partitions."""
+    params = dict(params)
+    rollback, keep = params.pop("rollback", False), params.pop("rollback_keep", 6)
+    return params, (keep if rollback else None)
 
 
 def _epochs_of_total_steps(total_steps, params: Dict[str, Any]) -> int:
@@ -284,6 +294,18 @@ def _refuse_shape_dependent_config_optimizer(config: Dict[str, Any]) -> None:
                          "(DeepSpeed #88); use ZeRO stage 0, or AdamP, which autowu maps onto the partitions")
 
 
+def _refuse_rollback_where_it_cannot(config: Dict[str, Any]) -> None:
+    """Rollback puts back what the client optimizer steps and rebuilds the model's copy from it: ZeRO-1/2's
+    partitions, or the module itself in fp32 without ZeRO. ZeRO-3 and DeepSpeed's 16-bit optimizers without ZeRO
+    keep their master weights elsewhere."""
+    stage, half = zero_stage(config), half_precision(config)
+    if stage >= 3 or (stage == 0 and half):
+        where = f"ZeRO stage {stage}" if stage >= 3 else f"{half} without ZeRO"
+        raise ValueError(f"scheduler AutoWU: rollback with {where} is not supported (autowu puts back ZeRO stage 1 "
+                         "and 2's partitions, or an fp32 model without ZeRO); use \"zero_optimization\": "
+                         "{\"stage\": 1} or 2, or remove rollback from the scheduler params")
+
+
 def _refuse_shape_dependent_client_optimizer(optimizer, config: Dict[str, Any]) -> None:
     cls = type(optimizer)
     flattened = zero_stage(config) > 0 or half_precision(config) is not None
@@ -302,6 +324,8 @@ def refuse_unsupported(config: Dict[str, Any], optimizer=None, lr_scheduler=None
     check_config_keys(config)
     _refuse_shape_dependent_config_optimizer(config)
     scheduler_params, optimizer_params = autowu_params(config), adamp_params(config)
+    if scheduler_params is not None and scheduler_params.get("rollback"):
+        _refuse_rollback_where_it_cannot(config)
     if scheduler_params is not None and lr_scheduler is not None:
         raise ValueError("the config selects AutoWU and an lr_scheduler was passed too: choose one")
     if optimizer_params is not None:
@@ -346,9 +370,11 @@ class AutoWULossHook:
         self._engine_backward = engine.backward
         self._engine_step = engine.step
         self._engine_save_checkpoint = engine.save_checkpoint
+        self._engine_load_checkpoint = engine.load_checkpoint
         engine.backward = self.backward
         engine.step = self.step
         engine.save_checkpoint = self.save_checkpoint
+        engine.load_checkpoint = self.load_checkpoint
         group = getattr(engine, "seq_data_parallel_group", None)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
             scheduler.loss_reducer = _AllReduceMean(group)
@@ -382,16 +408,35 @@ class AutoWULossHook:
         self.scheduler.pending_loss = None
         return result
 
-    def save_checkpoint(self, *args, **kwargs):
+    def _engine_rollback(self) -> Optional[EngineRollback]:
+        rollback = self.scheduler._rollback
+        return rollback if isinstance(rollback, EngineRollback) else None
+
+    def save_checkpoint(self, save_dir, tag=None, *args, **kwargs):
         # Every rank calls save_checkpoint; rank 0's scheduler state is what every rank loads, so the losses
         # it holds must already be the ranks' mean.
         self.scheduler.reduce_pending_losses()
-        return self._engine_save_checkpoint(*args, **kwargs)
+        rollback = self._engine_rollback()
+        if rollback is not None:
+            # Before the engine's save: it ends in a barrier, and whoever commits the checkpoint after it (the
+            # launcher, or DeepSpeed's ``latest``) must find every rank's file whole. DeepSpeed's default tag.
+            rollback.save_rank_file(os.path.join(save_dir, str(tag if tag is not None
+                                                                else f"global_step{self.engine.global_steps}")))
+        return self._engine_save_checkpoint(save_dir, tag, *args, **kwargs)
+
+    def load_checkpoint(self, load_dir, tag=None, *args, **kwargs):
+        load_path, client_state = self._engine_load_checkpoint(load_dir, tag, *args, **kwargs)
+        rollback = self._engine_rollback()
+        if rollback is not None and load_path is not None:
+            # load_path is the checkpoint's model-states file, in the folder DeepSpeed resolved the tag to.
+            rollback.load_rank_file(os.path.dirname(load_path))
+        return load_path, client_state
 
     def remove(self) -> None:
         self.engine.backward = self._engine_backward
         self.engine.step = self._engine_step
         self.engine.save_checkpoint = self._engine_save_checkpoint
+        self.engine.load_checkpoint = self._engine_load_checkpoint
         self.scheduler.loss_reducer = self.scheduler.decision_sync = None
 
 
@@ -467,6 +512,13 @@ def attach(engine) -> AutoWULossHook:
                          "AutoWU as lr_scheduler")
     if isinstance(engine.basic_optimizer, ZeroAdamP):
         _declare_zero_partitions(engine, engine.basic_optimizer)
+    # Rollback on the engine's own state: asked in the config (the seam kept the number of snapshots), or by an
+    # AutoWU built with rollback=True and passed in (its snapshots would miss ZeRO's 16-bit copies).
+    keep = getattr(engine._config, "autowu_rollback_keep", None)
+    if keep is None and scheduler._rollback is not None and not isinstance(scheduler._rollback, EngineRollback):
+        keep = scheduler._rollback.keep
+    if keep is not None:
+        scheduler.use_rollback(EngineRollback(engine, keep))
     engine.autowu_hook = AutoWULossHook(engine, scheduler)
     if engine.fp16_enabled():
         _keep_fp16_alive_at_min_scale(engine)

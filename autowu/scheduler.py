@@ -128,7 +128,8 @@ class AutoWU:
             ``autowu.switch``); the paper: the last test's.
         rollback: at the switch, put back the training state (parameters, optimizer state, ``model``'s buffers)
             of the last GP test whose LR was at most the peak, so that the run goes on from before the ramp
-            overshot it (``autowu.rollback``). Off in both modes; not available under DeepSpeed yet.
+            overshot it (``autowu.rollback``). Off in both modes. Under DeepSpeed: ``"rollback": true`` in the
+            config's AutoWU params (the engine's module and ZeRO partitions, ``autowu.rollback.EngineRollback``).
         model: the module whose buffers (BatchNorm statistics) ``rollback`` keeps with the parameters.
         rollback_keep: snapshots held at most (each a copy of the parameters and optimizer state, in host
             memory); the default 6 reaches a peak 1.8^6 = 34x below the LR at the switch.
@@ -432,6 +433,13 @@ class AutoWU:
             "settings": self.state_dict_settings(),
             **({"rollback": self._rollback.state_dict()} if self._rollback is not None else {}),
         }
+
+    def use_rollback(self, rollback: SwitchRollback) -> None:
+        """Take ``rollback`` as the state to put back at the switch (``autowu.deepspeed`` gives an engine's);
+        before any step."""
+        if self.last_step != 0:
+            raise RuntimeError("AutoWU.use_rollback: only before the first step")
+        self.rollback, self._rollback = True, rollback
 
     def state_dict_settings(self) -> Dict:
         """The settings a checkpoint must have been made with to resume exactly."""

@@ -7,6 +7,8 @@ Each run is the main job: ``deepspeed --num_gpus 2 launch/train.py`` on the embe
 - ``ds_configs/cpu_digits_cosine.json`` with its AdamP ``lr`` set to each peak of the grid: DeepSpeed's
   ``WarmupCosineLR`` (linear warmup over the launcher's "auto" share of the run, cosine to 0): the tuned
   reference a DeepSpeed user would sweep;
+- ``autowu_rollback``: ``cpu_digits.json`` with ``"rollback": true`` in AutoWU's params (the training state put
+  back at the switch to the last GP test at or below the peak, ``autowu.rollback.EngineRollback``);
 - ``rerun``: the ``warmup_cosine.json`` an AutoWU run writes (that schedule at the peak AutoWU found), as a user
   trains the recipe again: seed s runs the file of the AutoWU run of the next seed in ``--seeds`` (cyclically),
   so its peak was found on another initialisation and data order.
@@ -54,12 +56,16 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     methods, seeds = args.methods.split(","), list(map(int, args.seeds.split(",")))
-    if set(methods) - {"autowu", "rerun", "warmup_cosine"}:
-        parser.error(f"unknown methods {sorted(set(methods) - {'autowu', 'rerun', 'warmup_cosine'})}")
+    known = {"autowu", "autowu_rollback", "rerun", "warmup_cosine"}
+    if set(methods) - known:
+        parser.error(f"unknown methods {sorted(set(methods) - known)}")
     if "rerun" in methods and ("autowu" not in methods or len(seeds) < 2):
         parser.error("rerun needs the autowu runs of this invocation and at least 2 seeds")
     with open(os.path.join(REPO, "ds_configs", "cpu_digits_cosine.json")) as f:
         cosine = json.load(f)
+    with open(os.path.join(REPO, "ds_configs", "cpu_digits.json")) as f:
+        rollback = json.load(f)
+    rollback["scheduler"]["params"]["rollback"] = True
     results = []
 
     def record(method, peak, seed, final, **extra):
@@ -76,6 +82,11 @@ def main():
             jobs = []
             if "autowu" in methods:
                 jobs.append(("autowu", None, os.path.join(REPO, "ds_configs", "cpu_digits.json")))
+            if "autowu_rollback" in methods:
+                path = os.path.join(tmp, "rollback.json")
+                with open(path, "w") as f:
+                    json.dump(rollback, f)
+                jobs.append(("autowu_rollback", None, path))
             for peak in map(float, args.grid.split(",") if "warmup_cosine" in methods else []):
                 config = json.loads(json.dumps(cosine))
                 config["optimizer"]["params"]["lr"] = peak
@@ -115,6 +126,13 @@ def main():
                "best_grid_top1": grid_means.get(best), "autowu_mean_top1": statistics.mean(autowu.values()),
                "autowu_per_seed": autowu,
                "autowu_gap_to_best_grid": grid_means[best] - statistics.mean(autowu.values()) if grid else None}
+    rollbacks = {r["seed"]: r["top1"] for r in results if r["method"] == "autowu_rollback"}
+    if rollbacks:
+        diffs = [rollbacks[s] - autowu[s] for s in rollbacks if s in autowu]
+        summary.update(rollback_mean_top1=statistics.mean(rollbacks.values()), rollback_per_seed=rollbacks,
+                       rollback_minus_autowu=statistics.mean(diffs) if diffs else None,
+                       rollback_minus_autowu_paired_se=(statistics.stdev(diffs) / len(diffs) ** 0.5
+                                                        if len(diffs) > 1 else None))
     if reruns:
         diffs = [reruns[s] - autowu[s] for s in reruns if s in autowu]
         summary.update(rerun_mean_top1=statistics.mean(reruns.values()), rerun_per_seed=reruns,

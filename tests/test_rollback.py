@@ -1,18 +1,22 @@
 """AutoWU(rollback=True): at the switch, the training state goes back to the last GP test at or below the peak.
 
 Real training on scikit-learn's digits (an MLP with BatchNorm, Adam), real GP tests; each test's state is copied
-by the loop itself and compared with what the scheduler put back.
+by the loop itself and compared with what the scheduler put back. The same under DeepSpeed on 2 CPU ranks
+(``ds_scripts/rollback_engine.py``).
 """
 import copy
 import io
+import json
 
 import pytest
 import torch
 from sklearn.datasets import load_digits
 
 from autowu import AutoWU
-from autowu.deepspeed import autowu_params
+from autowu.deepspeed import autowu_params, refuse_unsupported
 from autowu.rollback import SwitchRollback
+
+from conftest import REPO
 
 BATCH, EPOCHS = 64, 30
 
@@ -139,9 +143,54 @@ def test_rollback_is_refused_where_it_cannot_do_what_it_says():
         AutoWU(optimizer, 10, 5, model=torch.nn.Linear(1, 1))
     with pytest.raises(ValueError, match="rollback_keep"):
         AutoWU(optimizer, 10, 5, rollback=True, model=torch.nn.Linear(1, 1), rollback_keep=0)
-    config = {"scheduler": {"type": "AutoWU", "params": {"steps_per_epoch": 10, "total_epochs": 5, "rollback": True}}}
-    with pytest.raises(ValueError, match="rollback is not available under DeepSpeed"):
-        autowu_params(config)
-    config["scheduler"]["params"] = {"steps_per_epoch": 10, "total_epochs": 5, "model": "resnet50"}
-    with pytest.raises(ValueError, match="unknown key 'model'"):
-        autowu_params(config)
+    counts = {"steps_per_epoch": 10, "total_epochs": 5}
+    config = {"scheduler": {"type": "AutoWU", "params": {**counts, "rollback": True}}}
+    assert autowu_params(config)["rollback"] is True   # under DeepSpeed: the engine's module (EngineRollback)
+    for params, match in (({"model": "resnet50"}, "unknown key 'model'"),
+                          ({"rollback_keep": 3}, "only with \"rollback\": true"),
+                          ({"rollback": True, "rollback_keep": 0}, "positive integer")):
+        config["scheduler"]["params"] = {**counts, **params}
+        with pytest.raises(ValueError, match=match):
+            autowu_params(config)
+    # Where the master weights are not what the client optimizer steps: refused before any engine is built.
+    for extra, where in (({"zero_optimization": {"stage": 3}}, "ZeRO stage 3"),
+                         ({"fp16": {"enabled": True}}, "fp16 without ZeRO"),
+                         ({"bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}, "bf16 without ZeRO")):
+        config = {"train_batch_size": 8, "scheduler": {"type": "AutoWU", "params": {**counts, "rollback": True}},
+                  **extra}
+        with pytest.raises(ValueError, match=f"rollback with {where} is not supported"):
+            refuse_unsupported(config)
+
+
+@pytest.mark.slow
+def test_rollback_on_a_zero1_engine_of_two_ranks_puts_back_each_ranks_state_and_resumes_exactly(tmp_path,
+                                                                                               deepspeed_runner):
+    """"rollback": true in the config of a ZeRO-1 engine (AdamP, BatchNorm) on 2 real CPU ranks: at the switch
+    every rank has the state of the last test at or below the peak back (its fp32 partition, the moments, the
+    module's gathered weights and BatchNorm statistics), in fp32 and fp16; a run saved mid-warmup and loaded
+    into a new engine ends with the unbroken run's weights, bit for bit."""
+    proc = deepspeed_runner([REPO / "tests" / "ds_scripts" / "rollback_engine.py", "--out", tmp_path])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in ranks:
+        for run in (r["whole"], r["fp16"]):
+            lrs = {int(step): lr for step, lr in run["test_lrs"].items()}
+            assert run["rolled_back_to"] == max(s for s, lr in lrs.items() if lr <= run["peak_lr"])
+            assert run["rolled_back_to"] < run["switch_step"] and max(lrs.values()) > 1.5 * run["peak_lr"]
+            assert run["put_back_equals_copy"] and run["module_differs_from_the_last_test"]
+            assert run["lr_after_switch"] == run["peak_lr"]
+        assert r["fp16"]["dtype"] == "torch.float16"
+        # The checkpoint: each rank's snapshots in its own file, the scheduler's state naming them only.
+        assert len(r["snapshots_at_cut"]) == 6 and r["snapshots_loaded"] == r["snapshots_at_cut"]
+        assert {"autowu_rollback_rank0.pt", "autowu_rollback_rank1.pt"} <= set(r["files"])
+        assert r["scheduler_state_rollback"] == {"keep": 6, "per_rank": True, "steps": r["snapshots_at_cut"],
+                                                 "world_size": 2}
+        assert r["other_world_size"]["snapshots"] == 0
+        assert "cannot be re-partitioned" in r["other_world_size"]["warning"]
+        assert f"no autowu_rollback_rank{r['rank']}.pt" in r["missing_file_error"]
+        assert r["resumed"] == {k: r["whole"][k] for k in ("switch_step", "peak_lr", "rolled_back_to")}
+        whole = torch.load(tmp_path / f"whole_rank{r['rank']}.pt")
+        resumed = torch.load(tmp_path / f"resumed_rank{r['rank']}.pt")
+        for name, value in whole.items():
+            assert torch.equal(resumed[name], value), name
+    assert ranks[0]["whole"] == ranks[1]["whole"]   # the ranks switched and rolled back together
