@@ -39,6 +39,7 @@ import inspect
 import math
 import os
 import typing
+import warnings
 from typing import Any, Dict, Optional, Union
 
 import torch
@@ -48,7 +49,7 @@ from .adamp import ZeroAdamP, zero_partition_layouts
 from .jsonfile import read_json
 from .gp import GPTestSettings
 from .rollback import EngineRollback
-from .scheduler import AutoWU
+from .scheduler import MODE_DEFAULTS, AutoWU
 from .settings import check_types, from_mapping, unknown_keys_error
 
 SCHEDULER_TYPE = "AutoWU"
@@ -225,11 +226,20 @@ def autowu_params(config: Dict[str, Any], **overrides) -> Optional[Dict[str, Any
     return params
 
 
-def split_rollback(params: Dict[str, Any]):
+def split_rollback(params: Dict[str, Any], config: Dict[str, Any]):
     """``(AutoWU's constructor arguments, snapshots to keep or None)`` from ``autowu_params``' result: the engine's
-    rollback is built once the engine exists (``attach``), on its module and ZeRO partitions."""
+    rollback is built once the engine exists (``attach``), on its module and ZeRO partitions. On by the mode's
+    default (the default mode) where the engine allows it; asked for where it does not, refused before (here,
+    ``refuse_unsupported``)."""
     params = dict(params)
-    rollback, keep = params.pop("rollback", False), params.pop("rollback_keep", 6)
+    asked, keep = params.pop("rollback", None), params.pop("rollback_keep", 6)
+    mode = params.get("mode", "default")
+    rollback = asked if asked is not None else MODE_DEFAULTS.get(mode, MODE_DEFAULTS["default"])["rollback"]
+    params["rollback"] = False   # AutoWU's own would snapshot the optimizer without ZeRO's 16-bit copies
+    if rollback and asked is None and rollback_unsupported(config):
+        warnings.warn(f"AutoWU: the default mode's rollback at the switch is off for this engine "
+                      f"({rollback_unsupported(config)}); the switch keeps the state trained past the peak", RuntimeWarning)
+        rollback = False
     return params, (keep if rollback else None)
 
 
@@ -294,16 +304,24 @@ def _refuse_shape_dependent_config_optimizer(config: Dict[str, Any]) -> None:
                          "(DeepSpeed #88); use ZeRO stage 0, or AdamP, which autowu maps onto the partitions")
 
 
-def _refuse_rollback_where_it_cannot(config: Dict[str, Any]) -> None:
-    """Rollback puts back what the client optimizer steps and rebuilds the model's copy from it: ZeRO-1/2's
-    partitions, or the module itself in fp32 without ZeRO. ZeRO-3 and DeepSpeed's 16-bit optimizers without ZeRO
-    keep their master weights elsewhere."""
+def rollback_unsupported(config: Dict[str, Any]) -> Optional[str]:
+    """Why the engine a config builds cannot roll back, or None. Rollback puts back what the client optimizer
+    steps and rebuilds the model's copy from it: ZeRO-1/2's partitions, or the module itself in fp32 without
+    ZeRO. ZeRO-3 and DeepSpeed's 16-bit optimizers without ZeRO keep their master weights elsewhere."""
     stage, half = zero_stage(config), half_precision(config)
-    if stage >= 3 or (stage == 0 and half):
-        where = f"ZeRO stage {stage}" if stage >= 3 else f"{half} without ZeRO"
+    if stage >= 3:
+        return f"ZeRO stage {stage}"
+    if stage == 0 and half:
+        return f"{half} without ZeRO"
+    return None
+
+
+def _refuse_rollback_where_it_cannot(config: Dict[str, Any]) -> None:
+    where = rollback_unsupported(config)
+    if where:
         raise ValueError(f"scheduler AutoWU: rollback with {where} is not supported (autowu puts back ZeRO stage 1 "
                          "and 2's partitions, or an fp32 model without ZeRO); use \"zero_optimization\": "
-                         "{\"stage\": 1} or 2, or remove rollback from the scheduler params")
+                         "{\"stage\": 1} or 2, or set \"rollback\": false in the scheduler params")
 
 
 def _refuse_shape_dependent_client_optimizer(optimizer, config: Dict[str, Any]) -> None:
@@ -324,7 +342,7 @@ def refuse_unsupported(config: Dict[str, Any], optimizer=None, lr_scheduler=None
     check_config_keys(config)
     _refuse_shape_dependent_config_optimizer(config)
     scheduler_params, optimizer_params = autowu_params(config), adamp_params(config)
-    if scheduler_params is not None and scheduler_params.get("rollback"):
+    if scheduler_params is not None and scheduler_params.get("rollback"):  # asked for, not the mode's default
         _refuse_rollback_where_it_cannot(config)
     if scheduler_params is not None and lr_scheduler is not None:
         raise ValueError("the config selects AutoWU and an lr_scheduler was passed too: choose one")
@@ -517,6 +535,10 @@ def attach(engine) -> AutoWULossHook:
     keep = getattr(engine._config, "autowu_rollback_keep", None)
     if keep is None and scheduler._rollback is not None and not isinstance(scheduler._rollback, EngineRollback):
         keep = scheduler._rollback.keep
+        where = rollback_unsupported(engine._config._param_dict)
+        if where:  # an AutoWU built by the caller (its default mode rolls back), on an engine that cannot
+            warnings.warn(f"AutoWU: rollback at the switch is off for this engine ({where})", RuntimeWarning)
+            scheduler.rollback, scheduler._rollback, keep = False, None, None
     if keep is not None:
         scheduler.use_rollback(EngineRollback(engine, keep))
     engine.autowu_hook = AutoWULossHook(engine, scheduler)

@@ -56,7 +56,9 @@ class RunLog:
                          for k in ("probability", "votes", "argmin_lr", "passed", "switched"))
             if test["switched"]:
                 self.line(f"AutoWU switched at step {test['step']} (epoch {test['epoch']:.1f}): peak LR "
-                          f"{scheduler.peak_lr:.4g}" + (" (warmup cap)" if test["at_cap"] else ""))
+                          f"{scheduler.peak_lr:.4g}" + (" (warmup cap)" if test["at_cap"] else "")
+                          + (f"; training state of step {test['rolled_back_to']} put back"
+                             if test.get("rolled_back_to") is not None else ""))
                 curve = scheduler.switch_curve or {"step": test["step"]}  # none when the GP had failed
                 self.record("autowu_switch", **curve, peak_lr=scheduler.peak_lr,
                             total_steps=scheduler.total_steps)

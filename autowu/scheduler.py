@@ -47,10 +47,10 @@ MODES = ("default", "paper")
 MODE_DEFAULTS = {
     "paper": {"max_warmup_fraction": 0.5, "patience": 3, "spike_threshold": None, "hold": False,
               "peak_fraction": 1.0, "max_lr_growth_per_test": None, "resume_from_argmin": False,
-              "min_epochs_before_test": 0.0, "peak_highest_of_hold": False},
+              "min_epochs_before_test": 0.0, "peak_highest_of_hold": False, "rollback": False},
     "default": {"max_warmup_fraction": 0.2, "patience": 2, "spike_threshold": 6.0, "hold": True,
                 "peak_fraction": 1.0, "max_lr_growth_per_test": 1.8, "resume_from_argmin": True,
-                "min_epochs_before_test": 0.0, "peak_highest_of_hold": True},
+                "min_epochs_before_test": 0.0, "peak_highest_of_hold": True, "rollback": True},
 }
 _FROM_MODE = object()  # "not given": the mode's value
 
@@ -128,9 +128,10 @@ class AutoWU:
             ``autowu.switch``); the paper: the last test's.
         rollback: at the switch, put back the training state (parameters, optimizer state, ``model``'s buffers)
             of the last GP test whose LR was at most the peak, so that the run goes on from before the ramp
-            overshot it (``autowu.rollback``). Off in both modes. Under DeepSpeed: ``"rollback": true`` in the
-            config's AutoWU params (the engine's module and ZeRO partitions, ``autowu.rollback.EngineRollback``).
-        model: the module whose buffers (BatchNorm statistics) ``rollback`` keeps with the parameters.
+            overshot it (``autowu.rollback``). On in the default mode, off in the paper's. Under DeepSpeed the
+            engine's own (its module, ZeRO's partitions: ``autowu.rollback.EngineRollback``).
+        model: the module whose buffers (BatchNorm statistics) ``rollback`` keeps with the parameters; without it
+            they are not put back.
         rollback_keep: snapshots held at most (each a copy of the parameters and optimizer state, in host
             memory); the default 6 reaches a peak 1.8^6 = 34x below the LR at the switch.
     """
@@ -143,13 +144,13 @@ class AutoWU:
                  gp_backend: str = "fast", seed: int = 0, mode: str = "default", hold: bool = _FROM_MODE,
                  peak_fraction: float = _FROM_MODE, max_lr_growth_per_test: Optional[float] = _FROM_MODE,
                  resume_from_argmin: bool = _FROM_MODE, min_epochs_before_test: float = _FROM_MODE,
-                 peak_highest_of_hold: bool = _FROM_MODE, rollback: bool = False,
+                 peak_highest_of_hold: bool = _FROM_MODE, rollback: bool = _FROM_MODE,
                  model: Optional[torch.nn.Module] = None, rollback_keep: int = 6):
         self.mode = _choice("mode", mode, MODES)
         given = dict(max_warmup_fraction=max_warmup_fraction, patience=patience, spike_threshold=spike_threshold,
                      hold=hold, peak_fraction=peak_fraction, max_lr_growth_per_test=max_lr_growth_per_test,
                      resume_from_argmin=resume_from_argmin, min_epochs_before_test=min_epochs_before_test,
-                     peak_highest_of_hold=peak_highest_of_hold)
+                     peak_highest_of_hold=peak_highest_of_hold, rollback=rollback)
         options = {k: MODE_DEFAULTS[self.mode][k] if v is _FROM_MODE else v for k, v in given.items()}
         max_warmup_fraction = options["max_warmup_fraction"]
         if int(steps_per_epoch) != steps_per_epoch or steps_per_epoch < 1:
@@ -174,11 +175,9 @@ class AutoWU:
                             " (from a JSON config, autowu.deepspeed builds it from an object of its fields)")
         if not optimizer.param_groups:
             raise ValueError("AutoWU: the optimizer has no param groups")
-        if rollback and model is None:
-            raise ValueError("AutoWU: rollback=True needs model= (its buffers, BatchNorm's running statistics, are "
-                             "part of the training state taken back)")
+        rollback = options["rollback"]
         if model is not None and not rollback:
-            raise ValueError("AutoWU: model= is used only by rollback=True")
+            raise ValueError("AutoWU: model= is used only by rollback (on in the default mode)")
 
         self.optimizer = optimizer
         self.steps_per_epoch = int(steps_per_epoch)
@@ -199,7 +198,10 @@ class AutoWU:
         self.gp_backend = _choice("gp_backend", gp_backend, GP_BACKENDS)
         self.seed = int(seed)
         self.rollback = bool(rollback)
-        self._rollback = SwitchRollback(optimizer, [model], rollback_keep) if self.rollback else None
+        # Without model= the parameters and optimizer state go back, BatchNorm's running statistics do not (they
+        # follow the restored weights again within some tens of steps; what evaluation sees at the end is exact).
+        self._rollback = (SwitchRollback(optimizer, [model] if model is not None else [], rollback_keep)
+                          if self.rollback else None)
         self.device = torch.device(device) if device is not None else None
         self.schedule = Schedule.build(self.total_steps, self.min_lr, self.max_lr, self.max_warmup_fraction,
                                        self.warmup_type, self.immediate_cooldown, self.cooldown_type,

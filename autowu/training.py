@@ -102,7 +102,11 @@ def describe_recipe(engine, ds_config, device) -> Dict[str, object]:
     convs = [m.weight for m in modules if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1]
     channels_last = sum(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     scaler_skips = engine.fp16_enabled() and not getattr(engine.optimizer.loss_scaler, "raise_error_at_min_scale", True)
+    rollback = getattr(getattr(engine, "lr_scheduler", None), "_rollback", None)
     return {"optimizer": f"{type(basic).__module__}.{type(basic).__name__}",
+            "switch_rollback": (f"on: each rank's training state at up to {rollback.keep} GP tests kept in host "
+                                "memory, the last at or below the peak put back at the switch" if rollback is not None
+                                else "off"),
             "conv_weights": f"{channels_last} of {len(convs)} channels_last" + (
                 " (ZeRO binds them to NCHW views of its flat buffer)" if convs and zero_stage(ds_config)
                 and channels_last < len(convs) else ""),

@@ -13,7 +13,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from autowu import AutoWU
-from autowu.deepspeed import autowu_params, refuse_unsupported
+from autowu.deepspeed import autowu_params, refuse_unsupported, split_rollback
 from autowu.rollback import SwitchRollback
 
 from conftest import REPO
@@ -88,7 +88,7 @@ def test_the_switch_puts_back_the_state_of_the_last_test_at_or_below_the_peak():
     assert at_switch["lr"] == scheduler.peak_lr   # the next step trains at the peak, from the state put back
 
     # The decisions are those of the same run without rollback: it changes the state, not the search.
-    plain_model, plain_optimizer, plain = build()
+    plain_model, plain_optimizer, plain = build(rollback=False)
     train(plain_model, plain_optimizer, plain, stop=scheduler.switch_step)
     assert (plain.switch_step, plain.peak_lr) == (scheduler.switch_step, scheduler.peak_lr)
     assert not torch.equal(plain_model[0].weight, model[0].weight)
@@ -137,15 +137,26 @@ def test_snapshots_only_grow_in_lr_and_are_bounded():
 def test_rollback_is_refused_where_it_cannot_do_what_it_says():
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([parameter], lr=0.1)
-    with pytest.raises(ValueError, match="needs model="):
-        AutoWU(optimizer, 10, 5, rollback=True)
-    with pytest.raises(ValueError, match="only by rollback"):
-        AutoWU(optimizer, 10, 5, model=torch.nn.Linear(1, 1))
+    # On in the default mode (with or without model=: its buffers go back only if given), off in the paper's.
+    assert AutoWU(optimizer, 10, 5).rollback and not AutoWU(optimizer, 10, 5, mode="paper").rollback
+    for kwargs in ({"rollback": False}, {"mode": "paper"}):
+        with pytest.raises(ValueError, match="only by rollback"):
+            AutoWU(optimizer, 10, 5, model=torch.nn.Linear(1, 1), **kwargs)
     with pytest.raises(ValueError, match="rollback_keep"):
-        AutoWU(optimizer, 10, 5, rollback=True, model=torch.nn.Linear(1, 1), rollback_keep=0)
+        AutoWU(optimizer, 10, 5, model=torch.nn.Linear(1, 1), rollback_keep=0)
     counts = {"steps_per_epoch": 10, "total_epochs": 5}
     config = {"scheduler": {"type": "AutoWU", "params": {**counts, "rollback": True}}}
     assert autowu_params(config)["rollback"] is True   # under DeepSpeed: the engine's module (EngineRollback)
+    # The mode's default, on where the engine allows it (off, with a warning, where it does not); asked for: on.
+    for zero, params, keep in ((1, {}, 6), (1, {"mode": "paper"}, None), (1, {"rollback": False}, None),
+                               (2, {"rollback": True, "rollback_keep": 3}, 3), (0, {}, 6)):
+        config = {"zero_optimization": {"stage": zero}, "scheduler": {"type": "AutoWU", "params": params}}
+        constructor, kept = split_rollback(autowu_params(config, **counts), config)
+        assert kept == keep and constructor["rollback"] is False   # the engine's, built by attach
+    for extra in ({"zero_optimization": {"stage": 3}}, {"fp16": {"enabled": True}}):
+        config = {"scheduler": {"type": "AutoWU", "params": {}}, **extra}
+        with pytest.warns(RuntimeWarning, match="rollback at the switch is off for this engine"):
+            assert split_rollback(autowu_params(config, **counts), config)[1] is None
     for params, match in (({"model": "resnet50"}, "unknown key 'model'"),
                           ({"rollback_keep": 3}, "only with \"rollback\": true"),
                           ({"rollback": True, "rollback_keep": 0}, "positive integer")):

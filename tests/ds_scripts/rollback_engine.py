@@ -1,5 +1,5 @@
 """Run by tests/test_rollback.py on 2 CPU ranks through the deepspeed launcher: AutoWU's rollback on a real
-ZeRO-1 engine chosen from the JSON config ("rollback": true).
+ZeRO-1 engine chosen from the JSON config (the default mode's; "rollback": true in the fp16 run).
 
 An MLP with BatchNorm on scikit-learn's digits (each rank its own images), the config's AdamP (autowu's ZeroAdamP
 on ZeRO-1's flat partitions), fp32. The loop copies, at every GP test, what each rank holds: the module (its
@@ -54,10 +54,12 @@ def build(seed, fp16=False):
     config = {
         "train_micro_batch_size_per_gpu": MICRO_BATCH, "zero_optimization": {"stage": 1},
         "optimizer": {"type": "AdamP", "params": {"lr": 1.0, "weight_decay": 0.1}},
-        "scheduler": {"type": "AutoWU", "params": {"immediate_cooldown": True, "rollback": True}},
+        # the default mode rolls back: no key needed (the fp16 run asks for it by name)
+        "scheduler": {"type": "AutoWU", "params": {"immediate_cooldown": True}},
     }
     if fp16:
         config["fp16"] = {"enabled": True, "initial_scale_power": 12}
+        config["scheduler"]["params"]["rollback"] = True
     engine, _, _, scheduler = autowu_ds.initialize(model=model, config=config, steps_per_epoch=STEPS_PER_EPOCH,
                                                    total_epochs=EPOCHS)
     if fp16:  # DeepSpeed halves the parameters; BatchNorm's floating buffers follow them on a CPU
