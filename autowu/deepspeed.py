@@ -21,7 +21,9 @@ hands it to the scheduler, which buffers it there. At each GP test (an epoch's e
 ramp) the scheduler makes one all-reduce (mean over data-parallel ranks) of the losses buffered since its last
 test, runs the GP test, and takes rank 0's decision by a broadcast, so every rank switches at the same step
 with the same LR. On an fp16 overflow the engine skips the scheduler's step; the hook steps it anyway, so the
-schedule stays aligned with the data.
+schedule stays aligned with the data. The default mode's rollback at the switch is the engine's own
+(``autowu.rollback.EngineRollback``: each rank's ZeRO-1/2 partition, its optimizer state and the module's buffers;
+its snapshots saved beside each rank's checkpoint shards by the hook's ``save_checkpoint``).
 
 ``"optimizer": {"type": "AdamP"}`` builds ``autowu.adamp.ZeroAdamP`` and declares ZeRO-1/2's flat partitions
 to it, so that AdamP's projection and ``wd_ratio`` run on every parameter (timm's AdamP under ZeRO silently

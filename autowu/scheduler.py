@@ -12,7 +12,9 @@ over half the run, every finite loss fitted. ``mode="default"`` (the default) di
 procedure lost accuracy on real runs (``benchmarks/bench_schedules.py``, README): the ramp covers a fifth of
 the run, the LR holds while a passing test is confirmed (two passes in a row) and, if the pass is not
 confirmed, ramps again from the LR that test saw as the minimum; tests come often enough that the ramp grows
-the LR at most 1.8x between two; isolated loss spikes are left out of the fit.
+the LR at most 1.8x between two; isolated loss spikes are left out of the fit; and at the switch the training
+state of the last test at or below the peak is put back (``autowu.rollback``: the ramp has run past the peak by
+then, and the run goes on from before it; pass ``model=`` so that BatchNorm's statistics go back too).
 
 Usage, as in the paper's code::
 

@@ -7,8 +7,9 @@ Each run is the main job: ``deepspeed --num_gpus 2 launch/train.py`` on the embe
 - ``ds_configs/cpu_digits_cosine.json`` with its AdamP ``lr`` set to each peak of the grid: DeepSpeed's
   ``WarmupCosineLR`` (linear warmup over the launcher's "auto" share of the run, cosine to 0): the tuned
   reference a DeepSpeed user would sweep;
-- ``autowu_rollback``: ``cpu_digits.json`` with ``"rollback": true`` in AutoWU's params (the training state put
-  back at the switch to the last GP test at or below the peak, ``autowu.rollback.EngineRollback``);
+- ``autowu_no_rollback``: ``cpu_digits.json`` with ``"rollback": false`` in AutoWU's params: the default as it was
+  before 2026-11-30, without the training state put back at the switch (``autowu.rollback.EngineRollback``); in
+  ``results/launcher_schedules.json``, made before, ``autowu`` is this;
 - ``rerun``: the ``warmup_cosine.json`` an AutoWU run writes (that schedule at the peak AutoWU found), as a user
   trains the recipe again: seed s runs the file of the AutoWU run of the next seed in ``--seeds`` (cyclically),
   so its peak was found on another initialisation and data order.
@@ -56,7 +57,7 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     methods, seeds = args.methods.split(","), list(map(int, args.seeds.split(",")))
-    known = {"autowu", "autowu_rollback", "rerun", "warmup_cosine"}
+    known = {"autowu", "autowu_no_rollback", "rerun", "warmup_cosine"}
     if set(methods) - known:
         parser.error(f"unknown methods {sorted(set(methods) - known)}")
     if "rerun" in methods and ("autowu" not in methods or len(seeds) < 2):
@@ -64,8 +65,8 @@ def main():
     with open(os.path.join(REPO, "ds_configs", "cpu_digits_cosine.json")) as f:
         cosine = json.load(f)
     with open(os.path.join(REPO, "ds_configs", "cpu_digits.json")) as f:
-        rollback = json.load(f)
-    rollback["scheduler"]["params"]["rollback"] = True
+        no_rollback = json.load(f)
+    no_rollback["scheduler"]["params"]["rollback"] = False
     results = []
 
     def record(method, peak, seed, final, **extra):
@@ -82,11 +83,11 @@ def main():
             jobs = []
             if "autowu" in methods:
                 jobs.append(("autowu", None, os.path.join(REPO, "ds_configs", "cpu_digits.json")))
-            if "autowu_rollback" in methods:
-                path = os.path.join(tmp, "rollback.json")
+            if "autowu_no_rollback" in methods:
+                path = os.path.join(tmp, "no_rollback.json")
                 with open(path, "w") as f:
-                    json.dump(rollback, f)
-                jobs.append(("autowu_rollback", None, path))
+                    json.dump(no_rollback, f)
+                jobs.append(("autowu_no_rollback", None, path))
             for peak in map(float, args.grid.split(",") if "warmup_cosine" in methods else []):
                 config = json.loads(json.dumps(cosine))
                 config["optimizer"]["params"]["lr"] = peak
@@ -126,13 +127,13 @@ def main():
                "best_grid_top1": grid_means.get(best), "autowu_mean_top1": statistics.mean(autowu.values()),
                "autowu_per_seed": autowu,
                "autowu_gap_to_best_grid": grid_means[best] - statistics.mean(autowu.values()) if grid else None}
-    rollbacks = {r["seed"]: r["top1"] for r in results if r["method"] == "autowu_rollback"}
-    if rollbacks:
-        diffs = [rollbacks[s] - autowu[s] for s in rollbacks if s in autowu]
-        summary.update(rollback_mean_top1=statistics.mean(rollbacks.values()), rollback_per_seed=rollbacks,
-                       rollback_minus_autowu=statistics.mean(diffs) if diffs else None,
-                       rollback_minus_autowu_paired_se=(statistics.stdev(diffs) / len(diffs) ** 0.5
-                                                        if len(diffs) > 1 else None))
+    without = {r["seed"]: r["top1"] for r in results if r["method"] == "autowu_no_rollback"}
+    if without:
+        diffs = [autowu[s] - without[s] for s in without if s in autowu]
+        summary.update(no_rollback_mean_top1=statistics.mean(without.values()), no_rollback_per_seed=without,
+                       autowu_minus_no_rollback=statistics.mean(diffs) if diffs else None,
+                       autowu_minus_no_rollback_paired_se=(statistics.stdev(diffs) / len(diffs) ** 0.5
+                                                           if len(diffs) > 1 else None))
     if reruns:
         diffs = [reruns[s] - autowu[s] for s in reruns if s in autowu]
         summary.update(rerun_mean_top1=statistics.mean(reruns.values()), rerun_per_seed=reruns,

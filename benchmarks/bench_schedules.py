@@ -9,9 +9,10 @@ initialisation, the batch order and the spikes.
 
 Runs per task and seed:
 - ``paper``: AutoWU exactly as the paper's code (``mode="paper"``);
-- ``default``: AutoWU as this package ships it;
-- ``rollback``: the default with ``rollback=True``: at the switch the training state goes back to the last GP
-  test at or below the peak (``autowu.rollback``), the decisions unchanged;
+- ``default``: AutoWU as this package ships it (since 2026-11-30 with its rollback: at the switch the training
+  state, BatchNorm's statistics included, goes back to the last GP test at or below the peak, ``autowu.rollback``);
+- ``no_rollback``: the default with ``rollback=False``, as it was before (runs stored before 2026-11-30 as
+  ``default`` are relabelled ``no_rollback``, and those stored as ``rollback`` are ``default``);
 - ``grid``: 7 peak LRs, each a linear warmup over the first 5% of steps and a cosine to 0: the tuned reference;
 - ``schedulefree`` and ``prodigy``: the tuning-free methods a user would pick instead (schedule-free AdamW/SGD,
   Defazio et al. 2024; Prodigy with cosine annealing, Mishchenko and Defazio 2024), each at its package's
@@ -48,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from autowu import AutoWU  # noqa: E402
 
-AUTOWU_METHODS = ("paper", "default", "rollback")
+AUTOWU_METHODS = ("paper", "default", "no_rollback")
 RIVALS = ("schedulefree", "prodigy")
 DIAGNOSTICS = ("oracle", "rerun")  # the grid's shape at a default run's peak
 ADAM_GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
@@ -200,8 +201,10 @@ def run(task_name: str, seed: int, method: str, peak_lr: Optional[float] = None,
         options = dict(immediate_cooldown=True, cooldown_type="cosine",
                        mode="paper" if method == "paper" else "default")
         options.update(autowu_kwargs if method == "default" and autowu_kwargs else {})
-        if method == "rollback":  # the default, with the training state taken back at the switch
-            options.update(rollback=True, model=model)
+        if method == "no_rollback":  # the default as it was before it rolled back
+            options.update(rollback=False)
+        elif options.get("rollback", method == "default"):  # its rollback puts BatchNorm's statistics back too
+            options.update(model=model)
         scheduler = AutoWU(optimizer, steps_per_epoch, task.epochs, **options)
     order_rng = torch.Generator().manual_seed(1000 + seed)
     spike_rng = np.random.default_rng(2000 + seed)
@@ -318,7 +321,7 @@ def summarise(results: List[Dict]) -> Dict:
             entry["default_minus_best_rival"] = entry["methods"]["default"]["mean_top1"] - rivals[entry["best_rival"]]
             entry["default_minus_best_rival_paired_se"] = paired(entry["methods"]["default"]["per_seed"],
                                                                  entry["methods"][entry["best_rival"]]["per_seed"])[1]
-        compared = ("rollback",) + DIAGNOSTICS
+        compared = ("no_rollback",) + DIAGNOSTICS
         for method in (m for m in compared if m in entry["methods"] and "default" in entry["methods"]):
             # oracle: what the search costs (the default's own peaks, known from step 0); rerun: what a second
             # run at a first run's peak gets back
@@ -382,7 +385,7 @@ def main():
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", default="paper,default,grid,schedulefree,prodigy",
-                        help="any of paper, default, rollback, grid, schedulefree, prodigy, and oracle and rerun "
+                        help="any of paper, default, no_rollback, grid, schedulefree, prodigy, and oracle and rerun "
                              "(the grid's shape at a default run's peak)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", default=None, help="JSON with every run, the summary and the bars")

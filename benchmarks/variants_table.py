@@ -1,9 +1,10 @@
 """The table of AutoWU variants and diagnostics in ``benchmarks/RESULTS.md`` (issue 19), from their runs.
 
 ``results/schedule_variants.json`` holds each variant's runs (top-1, peak LR, switch epoch per task and seed; how
-each was run is in its ``args``); each is paired by seed with the default's runs in ``results/schedules.json``.
-A cell: the variant's mean top-1 minus the default's (paired standard error); for AutoWU variants also the
-geometric mean of its peak LR over the default's, and its median switch as a share of the run.
+each was run is in its ``args``); each is paired by seed with the runs of the default they were measured against,
+the default before it rolled back (``no_rollback`` in ``results/schedules.json``). A cell: the variant's mean
+top-1 minus that default's (paired standard error); for AutoWU variants also the geometric mean of its peak LR over
+the default's, and its median switch as a share of the run.
 
     .venv/bin/python benchmarks/variants_table.py
 """
@@ -37,7 +38,7 @@ def main():
     args = parser.parse_args()
     defaults = {}
     for r in json.loads(Path(args.defaults).read_text())["results"]:
-        if r["method"] == "default":
+        if r["method"] == "no_rollback":   # what the variants were measured against (before the default rolled back)
             defaults.setdefault(r["task"], {})[r["seed"]] = r
     print("| variant | " + " | ".join(TASKS) + " |")
     print("|---|" + "---|" * len(TASKS))

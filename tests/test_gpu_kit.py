@@ -44,7 +44,7 @@ def test_the_kit_builds_under_48_mib_and_its_dry_run_passes(tmp_path):
     assert check.returncode == 0, check.stdout[-2000:] + log[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ok"] and [s["step"] for s in summary["steps"]] == [
-        "kit_for_python_3.12", "kit_install", "environment", "pytest_gpu", "throughput"]
+        "kit_for_python_3.12", "kit_install", "environment", "pytest_gpu", "throughput", "adamp_flat"]
     env = summary["env"]
     assert "/site/ffcv/" in env["ffcv_from"] and env["fast_resize"] and env["bundled_opencv_resized"]
     if os.geteuid() == 0:
@@ -56,3 +56,8 @@ def test_the_kit_builds_under_48_mib_and_its_dry_run_passes(tmp_path):
     assert set(throughput["ratios"]) == {"train_over_model_only", "loader_over_train",
                                          "ffcv_loader_over_torchvision", "train_over_torchvision_loader"}
     assert throughput["channels_last"]["after_deepspeed_initialize"]["channels_last"] == 0  # ZeRO's NCHW views
+    # ZeroAdamP's time inside the engine's steps (timed around the client optimizer's step), and alone
+    share = throughput["zero_adamp_share"]
+    assert share["steps"] > 0 and 0 < share["share_of_step"] < 1 and share["median_ms"] > 0
+    adamp = summary["adamp_flat"]
+    assert adamp["zero_adamp_over_fused_adamw"] > 0 and adamp["max_relative_difference_vs_timm_after_5_steps"] < 1e-5
