@@ -59,8 +59,6 @@ OPTIMIZER_TYPE = "AdamP"
 # model serves rollback, which under DeepSpeed takes the engine's module (``EngineRollback``, installed by attach):
 # a config names no module.
 _AUTOWU_PARAMS = set(inspect.signature(AutoWU.__init__).parameters) - {"self", "optimizer", "model"}
-# What the engine, not AutoWU's constructor, takes of the params (split_rollback).
-_ROLLBACK_PARAMS = ("rollback", "rollback_keep")
 _ADAMP_PARAMS = set(inspect.signature(ZeroAdamP.__init__).parameters) - {"self", "params"}
 # timm optimizers whose update depends on each parameter's shape: on ZeRO's flat 1-D partitions they silently
 # become something else (AdamP/SGDP lose the projection, LAMB/LARS the trust ratio, Adafactor its factoring).
@@ -197,8 +195,9 @@ def autowu_params(config: Dict[str, Any], **overrides) -> Optional[Dict[str, Any
     unknown = set(params) - _AUTOWU_PARAMS - {FRAMEWORK_TOTAL_STEPS}
     if unknown:
         raise unknown_keys_error("scheduler AutoWU params", unknown, _AUTOWU_PARAMS | {FRAMEWORK_TOTAL_STEPS})
-    if "rollback_keep" in params and not params.get("rollback"):
-        raise ValueError("scheduler AutoWU: rollback_keep is used only with \"rollback\": true")
+    if "rollback_keep" in params and not params.get("rollback", _mode_default(params, "rollback")):
+        raise ValueError("scheduler AutoWU: rollback_keep is used only where the switch rolls back (the default "
+                         "mode, or \"rollback\": true)")
     unfilled = sorted(key for key, value in params.items() if value == "auto")
     if unfilled:
         raise ValueError(f"scheduler AutoWU: params {unfilled} still say \"auto\": the program that built the engine "
@@ -235,14 +234,18 @@ def split_rollback(params: Dict[str, Any], config: Dict[str, Any]):
     ``refuse_unsupported``)."""
     params = dict(params)
     asked, keep = params.pop("rollback", None), params.pop("rollback_keep", 6)
-    mode = params.get("mode", "default")
-    rollback = asked if asked is not None else MODE_DEFAULTS.get(mode, MODE_DEFAULTS["default"])["rollback"]
+    rollback = asked if asked is not None else _mode_default(params, "rollback")
     params["rollback"] = False   # AutoWU's own would snapshot the optimizer without ZeRO's 16-bit copies
     if rollback and asked is None and rollback_unsupported(config):
         warnings.warn(f"AutoWU: the default mode's rollback at the switch is off for this engine "
                       f"({rollback_unsupported(config)}); the switch keeps the state trained past the peak", RuntimeWarning)
         rollback = False
     return params, (keep if rollback else None)
+
+
+def _mode_default(params: Dict[str, Any], name: str):
+    """The value AutoWU's mode (``params["mode"]``, else the default mode) gives an option not set."""
+    return MODE_DEFAULTS.get(params.get("mode", "default"), MODE_DEFAULTS["default"])[name]
 
 
 def _epochs_of_total_steps(total_steps, params: Dict[str, Any]) -> int:

@@ -148,7 +148,8 @@ def test_rollback_is_refused_where_it_cannot_do_what_it_says():
     config = {"scheduler": {"type": "AutoWU", "params": {**counts, "rollback": True}}}
     assert autowu_params(config)["rollback"] is True   # under DeepSpeed: the engine's module (EngineRollback)
     # The mode's default, on where the engine allows it (off, with a warning, where it does not); asked for: on.
-    for zero, params, keep in ((1, {}, 6), (1, {"mode": "paper"}, None), (1, {"rollback": False}, None),
+    for zero, params, keep in ((1, {}, 6), (1, {"rollback_keep": 2}, 2), (1, {"mode": "paper"}, None),
+                               (1, {"rollback": False}, None),
                                (2, {"rollback": True, "rollback_keep": 3}, 3), (0, {}, 6)):
         config = {"zero_optimization": {"stage": zero}, "scheduler": {"type": "AutoWU", "params": params}}
         constructor, kept = split_rollback(autowu_params(config, **counts), config)
@@ -158,7 +159,8 @@ def test_rollback_is_refused_where_it_cannot_do_what_it_says():
         with pytest.warns(RuntimeWarning, match="rollback at the switch is off for this engine"):
             assert split_rollback(autowu_params(config, **counts), config)[1] is None
     for params, match in (({"model": "resnet50"}, "unknown key 'model'"),
-                          ({"rollback_keep": 3}, "only with \"rollback\": true"),
+                          ({"rollback": False, "rollback_keep": 3}, "only where the switch rolls back"),
+                          ({"mode": "paper", "rollback_keep": 3}, "only where the switch rolls back"),
                           ({"rollback": True, "rollback_keep": 0}, "positive integer")):
         config["scheduler"]["params"] = {**counts, **params}
         with pytest.raises(ValueError, match=match):
