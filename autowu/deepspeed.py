@@ -227,22 +227,6 @@ def autowu_params(config: Dict[str, Any], **overrides) -> Optional[Dict[str, Any
     return params
 
 
-def split_rollback(params: Dict[str, Any], config: Dict[str, Any]):
-    """``(AutoWU's constructor arguments, snapshots to keep or None)`` from ``autowu_params``' result: the engine's
-    rollback is built once the engine exists (``attach``), on its module and ZeRO partitions. On by the mode's
-    default (the default mode) where the engine allows it; asked for where it does not, refused before (here,
-    ``refuse_unsupported``)."""
-    params = dict(params)
-    asked, keep = params.pop("rollback", None), params.pop("rollback_keep", 6)
-    rollback = asked if asked is not None else _mode_default(params, "rollback")
-    params["rollback"] = False   # AutoWU's own would snapshot the optimizer without ZeRO's 16-bit copies
-    if rollback and asked is None and rollback_unsupported(config):
-        warnings.warn(f"AutoWU: the default mode's rollback at the switch is off for this engine "
-                      f"({rollback_unsupported(config)}); the switch keeps the state trained past the peak", RuntimeWarning)
-        rollback = False
-    return params, (keep if rollback else None)
-
-
 def _mode_default(params: Dict[str, Any], name: str):
     """The value AutoWU's mode (``params["mode"]``, else the default mode) gives an option not set."""
     return MODE_DEFAULTS.get(params.get("mode", "default"), MODE_DEFAULTS["default"])[name]
@@ -535,17 +519,18 @@ def attach(engine) -> AutoWULossHook:
                          "AutoWU as lr_scheduler")
     if isinstance(engine.basic_optimizer, ZeroAdamP):
         _declare_zero_partitions(engine, engine.basic_optimizer)
-    # Rollback on the engine's own state: asked in the config (the seam kept the number of snapshots), or by an
-    # AutoWU built with rollback=True and passed in (its snapshots would miss ZeRO's 16-bit copies).
-    keep = getattr(engine._config, "autowu_rollback_keep", None)
-    if keep is None and scheduler._rollback is not None and not isinstance(scheduler._rollback, EngineRollback):
-        keep = scheduler._rollback.keep
+    # An AutoWU that rolls back (the default mode's, or asked for) was built on the basic optimizer, which misses
+    # ZeRO's 16-bit copies: the engine's own rollback takes its place. Asked for where the engine cannot, it was
+    # refused before the engine was built (refuse_unsupported); so here that is the mode's default: off.
+    rollback = scheduler._rollback
+    if rollback is not None and not isinstance(rollback, EngineRollback):
         where = rollback_unsupported(engine._config._param_dict)
-        if where:  # an AutoWU built by the caller (its default mode rolls back), on an engine that cannot
-            warnings.warn(f"AutoWU: rollback at the switch is off for this engine ({where})", RuntimeWarning)
-            scheduler.rollback, scheduler._rollback, keep = False, None, None
-    if keep is not None:
-        scheduler.use_rollback(EngineRollback(engine, keep))
+        if where:
+            warnings.warn(f"AutoWU: the default mode's rollback at the switch is off for this engine ({where}); the "
+                          "switch keeps the state trained past the peak", RuntimeWarning)
+            scheduler.rollback, scheduler._rollback = False, None
+        else:
+            scheduler.use_rollback(EngineRollback(engine, rollback.keep))
     engine.autowu_hook = AutoWULossHook(engine, scheduler)
     if engine.fp16_enabled():
         _keep_fp16_alive_at_min_scale(engine)

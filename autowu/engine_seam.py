@@ -114,7 +114,6 @@ def _before_init(arguments) -> None:
         return  # not autowu's business
     params, adamp = autowu_ds.refuse_unsupported(raw, arguments.get("optimizer"), arguments.get("lr_scheduler"))
     if params is not None:
-        params, config.autowu_rollback_keep = autowu_ds.split_rollback(params, raw)  # the rollback: built by attach
         arguments["lr_scheduler"] = functools.partial(AutoWU, **params)  # called with the basic optimizer
     if adamp is not None:
         parameters = arguments.get("model_parameters")

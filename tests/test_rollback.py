@@ -13,7 +13,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from autowu import AutoWU
-from autowu.deepspeed import autowu_params, refuse_unsupported, split_rollback
+from autowu.deepspeed import autowu_params, refuse_unsupported
 from autowu.rollback import SwitchRollback
 
 from conftest import REPO
@@ -147,17 +147,15 @@ def test_rollback_is_refused_where_it_cannot_do_what_it_says():
     counts = {"steps_per_epoch": 10, "total_epochs": 5}
     config = {"scheduler": {"type": "AutoWU", "params": {**counts, "rollback": True}}}
     assert autowu_params(config)["rollback"] is True   # under DeepSpeed: the engine's module (EngineRollback)
-    # The mode's default, on where the engine allows it (off, with a warning, where it does not); asked for: on.
+    # The mode's default, or asked for: what the AutoWU built from the config keeps (attach then puts the engine's
+    # rollback in its place, or, on an engine that cannot roll back, turns it off with a warning: the fp16 engine
+    # without ZeRO of ds_scripts/rollback_engine.py).
     for zero, params, keep in ((1, {}, 6), (1, {"rollback_keep": 2}, 2), (1, {"mode": "paper"}, None),
                                (1, {"rollback": False}, None),
                                (2, {"rollback": True, "rollback_keep": 3}, 3), (0, {}, 6)):
         config = {"zero_optimization": {"stage": zero}, "scheduler": {"type": "AutoWU", "params": params}}
-        constructor, kept = split_rollback(autowu_params(config, **counts), config)
-        assert kept == keep and constructor["rollback"] is False   # the engine's, built by attach
-    for extra in ({"zero_optimization": {"stage": 3}}, {"fp16": {"enabled": True}}):
-        config = {"scheduler": {"type": "AutoWU", "params": {}}, **extra}
-        with pytest.warns(RuntimeWarning, match="rollback at the switch is off for this engine"):
-            assert split_rollback(autowu_params(config, **counts), config)[1] is None
+        rollback = AutoWU(optimizer, **autowu_params(config, **counts))._rollback
+        assert (rollback.keep if rollback is not None else None) == keep
     for params, match in (({"model": "resnet50"}, "unknown key 'model'"),
                           ({"rollback": False, "rollback_keep": 3}, "only where the switch rolls back"),
                           ({"mode": "paper", "rollback_keep": 3}, "only where the switch rolls back"),
@@ -193,6 +191,9 @@ def test_rollback_on_a_zero1_engine_of_two_ranks_puts_back_each_ranks_state_and_
             assert run["put_back_equals_copy"] and run["module_differs_from_the_last_test"]
             assert run["lr_after_switch"] == run["peak_lr"]
         assert r["fp16"]["dtype"] == "torch.float16"
+        # fp16 without ZeRO cannot roll back: the default mode's rollback is off there, with a warning
+        assert r["fp16_no_zero"]["rollback"] is None
+        assert "rollback at the switch is off for this engine (fp16 without ZeRO)" in r["fp16_no_zero"]["warning"]
         # The checkpoint: each rank's snapshots in its own file, the scheduler's state naming them only.
         assert len(r["snapshots_at_cut"]) == 6 and r["snapshots_loaded"] == r["snapshots_at_cut"]
         assert {"autowu_rollback_rank0.pt", "autowu_rollback_rank1.pt"} <= set(r["files"])

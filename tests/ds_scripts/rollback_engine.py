@@ -5,8 +5,8 @@ An MLP with BatchNorm on scikit-learn's digits (each rank its own images), the c
 on ZeRO-1's flat partitions), fp32. The loop copies, at every GP test, what each rank holds: the module (its
 weights as ZeRO gathered them, and BatchNorm's statistics), the rank's fp32 partition and the optimizer's moments
 for it; at the switch it compares them with what the scheduler put back. Then the same run is cut mid-warmup,
-saved through the engine, loaded into a new engine of other initial weights, and run to the end; and an fp16
-engine to its switch. Each rank writes what it saw as JSON and its final weights as a tensor file.
+saved through the engine, loaded into a new engine of other initial weights, and run to the end; an fp16
+engine to its switch; and an fp16 engine without ZeRO, which cannot roll back. Each rank writes what it saw as JSON and its final weights as a tensor file.
 """
 import argparse
 import copy
@@ -171,6 +171,19 @@ get_accelerator().is_fp16_supported = lambda: True   # the CPU's fp16 engine log
 engine, scheduler = build(seed=0, fp16=True)
 result["fp16"] = unbroken_run(engine, scheduler, int(result["whole"]["switch_step"] * 1.5))
 result["fp16"]["dtype"] = str(engine.module[0].weight.dtype)
+
+# 4. fp16 without ZeRO (DeepSpeed's own fp16 optimizer keeps the master weights): the default's rollback is off.
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(64, 10))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    engine, _, _, scheduler = autowu_ds.initialize(
+        model=model, steps_per_epoch=STEPS_PER_EPOCH, total_epochs=EPOCHS,
+        config={"train_micro_batch_size_per_gpu": MICRO_BATCH, "fp16": {"enabled": True},
+                "optimizer": {"type": "AdamW", "params": {"lr": 1.0, "torch_adam": True}},
+                "scheduler": {"type": "AutoWU", "params": {}}})
+result["fp16_no_zero"] = {"rollback": None if scheduler._rollback is None else type(scheduler._rollback).__name__,
+                          "warning": " ".join(str(w.message) for w in caught if w.category is RuntimeWarning)}
 
 with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
     json.dump(result, f)
