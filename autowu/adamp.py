@@ -23,14 +23,17 @@ Without a layout (no ZeRO), every tensor is taken as a whole parameter of its ow
 On the CPU the parameters a tensor holds whole take all four steps in one numba visit each, in cache, on torch's
 own OpenMP threads and while the all-reduce runs; the rows of the (at most two) parameters cut by its ends take
 two numba passes around it (``autowu.adamp_cpu``): no index scatter, no atomics, the same result on any number
-of threads (its cost against DeepSpeed's fused Adam: ``benchmarks/RESULTS.md``). On a
-GPU they are torch operations; the sums are ``torch.segment_reduce`` (CUB's segmented reduction: no atomics,
-so their rounding does not vary from run to run, as ``index_add_``'s did).
+of threads (its cost against DeepSpeed's fused Adam: ``benchmarks/RESULTS.md``). On a GPU Triton kernels do
+the same (``autowu.adamp_triton``): each row read once, stepped in the channel view ahead of the decision
+where its own sums allow, no atomics. Where Triton is missing, or a tensor is not contiguous float32, torch
+operations do it; their sums are ``torch.segment_reduce`` (CUB's segmented reduction: no atomics, so their
+rounding does not vary from run to run, as ``index_add_``'s did).
 Checked against ``timm.optim.AdamP`` in ``tests/test_adamp.py`` (1-3 ranks, boundaries through parameters).
 """
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -92,7 +95,11 @@ class _Segments:
         # Contiguous segments of one row each: autowu.adamp_cpu's two passes on a contiguous CPU tensor.
         self.first, self.length, self.row, _ = segments_of(layout.shapes, layout.offsets, layout.start, layout.numel)
         self.projects = bool((self.row < self.num_rows).any())
-        self.fused = device.type == "cpu"
+        # Which kernels step it: numba passes on the CPU, Triton kernels on a GPU, torch operations where neither
+        # can (no Triton, a tensor that is not contiguous float32). Tests set it to compare the paths.
+        self.kernel = "numba" if device.type == "cpu" else device_kernel()
+        self.layout = layout
+        self._triton_plan = None
         # The CPU path: parameters wholly in this tensor in one pass each; the rows of parameters cut by its ends
         # (``shared``) in two, around the all-reduce that completes their sums.
         self.units, self.shared = whole_parameter_units(layout.shapes, layout.offsets, layout.start, layout.numel)
@@ -103,9 +110,13 @@ class _Segments:
         self.device = device
         self._element_row: Optional[torch.Tensor] = None
         if device.type != "cpu":
-            # Built now, with the layout: built at the first step, its host-to-device copy synchronised the host
-            # inside the training loop (seen on an H200 by tests/test_gpu.py).
-            self._element_row = self._build_element_row()
+            # Built now, with the layout: built at the first step, their host-to-device copies synchronised the
+            # host inside the training loop (seen on an H200 by tests/test_gpu.py). The torch path's table holds
+            # an int32 a element (100 MB for ResNet-50): only where that path runs.
+            if self.kernel == "triton":
+                self._triton_plan = self.triton_plan
+            else:
+                self._element_row = self._build_element_row()
         # The torch path's sums: the segments tile the tensor, a channel is one segment of it (its part in this
         # tensor), so a segmented reduction gives every channel's sum; then each channel's is put in its place.
         self.segment_offsets = torch.from_numpy(np.append(self.first, layout.numel)).to(device)
@@ -132,6 +143,15 @@ class _Segments:
         if self.cut_rows is None or self.cut_rows.threads != max(1, threads):
             self.cut_rows = CutRows(self.shared, self.cut, self.num_rows, threads)
         return self.cut_rows
+
+    @property
+    def triton_plan(self):
+        """The Triton path's tables and scratch (``autowu.adamp_triton``), built once."""
+        if self._triton_plan is None:
+            from .adamp_triton import TritonPlan
+            layout = self.layout
+            self._triton_plan = TritonPlan(layout.shapes, layout.offsets, layout.start, layout.numel, self.device)
+        return self._triton_plan
 
     @property
     def element_row(self) -> torch.Tensor:
@@ -241,15 +261,23 @@ class ZeroAdamP(Optimizer):
                      if process_group and sums is not None else None)
         # The CPU path's whole parameters need nothing from the other ranks: done while the sums travel.
         projected_here = [self._whole_parameters(p, group, segments) for p, group, _, segments, _ in work
-                          if self._fused(p, segments)]
+                          if self._path(p, segments) == "numba"]
         if reduction is not None:
             reduction.wait()
 
         projected = []
         for p, group, first_pass, segments, where in work:
-            if self._fused(p, segments):
+            path = self._path(p, segments)
+            if path == "numba":
                 if segments.shares:  # the second pass of the cut parameters' rows, with their completed sums
                     projected_here.append(self._cut_rows_second_pass(p, group, segments, sums[where].view(4, -1)))
+                continue
+            if path == "triton":
+                plan = segments.triton_plan
+                state = self.state[p]
+                if plan.second_pass(p, p.grad, state["exp_avg"], state["exp_avg_sq"], sums[where].view(4, -1),
+                                    _triton_constants(group, state["step"]), group["delta"]):
+                    projected.append(plan)
                 continue
             step_size = group["lr"] / (1 - group["betas"][0] ** self.state[p]["step"])
             projection = _project(sums[where].view(4, -1), segments, group) if segments.projects else None
@@ -273,7 +301,7 @@ class ZeroAdamP(Optimizer):
         came from ``mmap`` and was faulted in again: 0.1 ms of a 10 ms CPU step). None when every tensor takes
         the CPU path and no parameter is cut by its ends: its whole parameters keep their sums in the kernel's
         own scratch."""
-        if all(self._fused(p, segments) and not segments.shares for p, _, _, segments, _ in work):
+        if all(self._path(p, segments) == "numba" and not segments.shares for p, _, _, segments, _ in work):
             return None
         device = work[0][0].device
         if self._sums is None or self._sums.numel() != size or self._sums.device != device:
@@ -288,20 +316,27 @@ class ZeroAdamP(Optimizer):
         rank holds: the sum over the ranks is the model's count (on one rank, or without ZeRO, it is). Per rank,
         so that reading it is never a collective, and the step pays no all-reduce for a number only tests and
         logs read (0.2-0.3 ms of a 2-rank CPU step). For tests and logs."""
-        counts = [torch.as_tensor(c) for c in self._projected_counts if c is not None]
+        if not self._projected_counts:
+            return None
+        on_device, here = self._projected_counts
+        counts = [c if isinstance(c, torch.Tensor) else c.projected_count() for c in on_device]
+        if here is not None:
+            counts.append(torch.as_tensor(here))
         return sum(counts[1:], counts[0]) if counts else None
 
-    def _count_projected(self, projected: List[torch.Tensor], projected_here: List[int]) -> None:
-        """The torch path's counts (tensors, on the device: no host synchronisation) and the CPU path's (ints),
-        each over the parameters whose first element this rank holds."""
-        self._projected_counts = (torch.stack(projected).sum() if projected else None,
-                                  sum(projected_here) if projected_here else None)
+    def _count_projected(self, projected: list, projected_here: List[int]) -> None:
+        """The device paths' counts (tensors on the device, or Triton plans that count when read: no host
+        synchronisation, no kernel a step) and the CPU path's (ints), each over the parameters whose first element
+        this rank holds."""
+        self._projected_counts = (projected, sum(projected_here) if projected_here else None)
 
     @staticmethod
-    def _fused(p: torch.Tensor, segments: "_Segments") -> bool:
-        """Whether ``p`` takes the CPU path (numba passes over its memory) rather than torch operations."""
-        return (segments.fused and p.dtype == torch.float32 and p.is_contiguous() and p.grad is not None
-                and p.grad.is_contiguous() and p.grad.dtype == torch.float32)
+    def _path(p: torch.Tensor, segments: "_Segments") -> str:
+        """The kernels that step ``p``: its segments' (numba on the CPU, Triton on a GPU) where ``p`` and its
+        gradient are contiguous float32, which they read as flat memory; else torch operations."""
+        flat = (p.dtype == torch.float32 and p.is_contiguous() and p.grad is not None and p.grad.is_contiguous()
+                and p.grad.dtype == torch.float32)
+        return segments.kernel if flat else "torch"
 
     def _adam_and_sums(self, p: torch.Tensor, group: dict, segments: "_Segments",
                        partial: torch.Tensor) -> torch.Tensor:
@@ -313,13 +348,18 @@ class ZeroAdamP(Optimizer):
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
-        if self._fused(p, segments):
+        path = self._path(p, segments)
+        if path != "torch":
             for moment in (state["exp_avg"], state["exp_avg_sq"]):  # the kernels take their addresses
                 if moment.dtype != torch.float32 or not moment.is_contiguous() or moment.numel() != p.numel():
                     raise RuntimeError(f"ZeroAdamP: a moment of a {p.numel()}-element tensor is not contiguous "
                                        f"float32 of its size ({moment.dtype}, {tuple(moment.shape)})")
             state["step"] += 1
-            self._cut_rows_first_pass(p, group, segments, partial)
+            if path == "triton":
+                segments.triton_plan.first_pass(p, p.grad, state["exp_avg"], state["exp_avg_sq"], partial,
+                                                _triton_constants(group, state["step"]), group["delta"])
+            else:
+                self._cut_rows_first_pass(p, group, segments, partial)
             return None
         perturb = self._adam(p, group, beta1, beta2)
         if segments.projects:
@@ -369,7 +409,7 @@ class ZeroAdamP(Optimizer):
         lr_wd = group["lr"] * group["weight_decay"]
         grad, exp_avg, exp_avg_sq = p.grad, state["exp_avg"], state["exp_avg_sq"]
         # Addresses, not numpy views (each view is three torch calls, paid cold after ZeRO's passes); p and its
-        # gradient were checked by ``_fused``, the moments by ``_adam_and_sums``.
+        # gradient were checked by ``_path``, the moments by ``_adam_and_sums``.
         return segments.whole_parameters(torch.get_num_threads()).step(
             p.numel(), p.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), beta1, beta2,
             group["eps"], math.sqrt(1 - beta2 ** state["step"]), bool(group["nesterov"]), group["delta"],
@@ -392,6 +432,29 @@ class ZeroAdamP(Optimizer):
         if group["nesterov"]:
             return (beta1 * exp_avg + (1 - beta1) * grad) / denom
         return exp_avg / denom
+
+
+KERNEL_ENV = "AUTOWU_ADAMP_KERNEL"
+
+
+def device_kernel() -> str:
+    """The kernels a GPU's tensors take: ``"triton"`` (``autowu.adamp_triton``) where Triton can be imported (it
+    comes with PyTorch's CUDA wheels), else ``"torch"``. ``AUTOWU_ADAMP_KERNEL=torch`` chooses torch's
+    operations (the same AdamP, some twenty passes over memory instead of one or two); ``=triton`` insists."""
+    import importlib.util
+    choice = os.environ.get(KERNEL_ENV, "")
+    if choice not in ("", "triton", "torch"):
+        raise ValueError(f"{KERNEL_ENV}={choice!r}: 'triton', 'torch' or unset")
+    have_triton = importlib.util.find_spec("triton") is not None
+    if choice == "triton" and not have_triton:
+        raise RuntimeError(f"{KERNEL_ENV}=triton, but Triton cannot be imported here")
+    return "torch" if choice == "torch" or not have_triton else "triton"
+
+
+def _triton_constants(group: dict, step: int):
+    from .adamp_triton import StepConstants
+    return StepConstants.of(group, step)
+
 
 def _flat(tensor: torch.Tensor):
     """A contiguous CPU tensor's elements as a 1-D numpy array sharing its memory."""

@@ -25,7 +25,10 @@ on one rank; median ``optimizer.step()`` of ZeroAdamP on the flat buffer, timm's
 parameters, torch's AdamW (foreach) on the separate parameters, torch's AdamW (fused) on one flat copy (what
 DeepSpeed's FusedAdam does on a partition; ZeroAdamP's ratio to it is issue 21's figure); the largest relative
 difference of the parameters between ZeroAdamP and timm after 5 steps; on a GPU, ZeroAdamP's step under
-``torch.cuda.set_sync_debug_mode("error")`` (raises on any host synchronisation).
+``torch.cuda.set_sync_debug_mode("error")`` (raises on any host synchronisation). On a GPU ZeroAdamP runs its
+Triton kernels (``autowu.adamp_triton``); its torch path and the Triton kernels with smaller tiles are timed
+beside them, on copies, in the same run; each optimizer also back to back (CUDA events around ``--repeats``
+steps queued without synchronising, as a training loop queues them).
 
     .venv/bin/python benchmarks/bench_adamp.py engine
     python benchmarks/bench_adamp.py flat --device cuda --json out.json
@@ -65,16 +68,31 @@ def timed(fn, device, repeats):
     return statistics.median(times), min(times), max(times)
 
 
-def resnet50(device):
+def back_to_back(fn, repeats) -> float:
+    """Milliseconds a call, from CUDA events around ``repeats`` calls queued without a synchronisation between
+    them (the host's launch time counts only where it is longer than the device's)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def create(name, device):
     import timm
     torch.manual_seed(0)
-    return timm.create_model("resnet50").to(device)
+    return timm.create_model(name).to(device)
 
 
-def flat_part(device, repeats):
+def flat_part(device, repeats, model_name="resnet50", variants_too=None):
+    """``variants_too``: time the device paths' variants (default: on a GPU only; on the CPU they need Triton's
+    interpreter, ``TRITON_INTERPRET=1``, and a small ``model_name``: the GPU check's dry run)."""
     import timm.optim
-    results = {}
-    model = resnet50(device)
+    results = {"model": model_name}
+    model = create(model_name, device)
     params = [p for p in model.parameters()]
     shapes = tuple(tuple(p.shape) for p in params)
     offsets, total = [], 0
@@ -109,24 +127,60 @@ def flat_part(device, repeats):
         p.grad = g.clone()
     fused_flat.grad = flat.grad.clone()
 
+    # On a GPU, ZeroAdamP's other device paths on copies of the same buffer: torch operations (the path before the
+    # Triton kernels, and where Triton is missing), and the Triton kernels with tiles of at most 4,096 elements
+    # (rows over it, layer4's 4,608-element ones, then take the looping kernel: registers against a second read).
+    variants = {}
+    if variants_too if variants_too is not None else device.type == "cuda":
+        from autowu.adamp_triton import TritonPlan
+        for name, kernel, classes in (("zero_adamp_torch_path", "torch", None),
+                                      ("zero_adamp_tiles_to_4096", "triton", (64, 256, 1024, 4096))):
+            copy = torch.nn.Parameter(flat.detach().clone())
+            copy.grad = flat.grad.clone()
+            opt = ZeroAdamP([copy], **ADAMP)
+            opt.set_layout(copy, FlatLayout(shapes, tuple(offsets), 0, total))
+            segments = opt._segments_of(copy)[0]
+            segments.kernel = kernel
+            if classes:
+                segments._triton_plan = TritonPlan(shapes, tuple(offsets), 0, total, device, tile_classes=classes)
+            variants[name] = (copy, opt)
+        results["zero_adamp_kernel"] = zero_adamp._segments_of(flat)[0].kernel
+
     for step in range(5):
         zero_adamp.step()
         timm_adamp.step()
+        for _, opt in variants.values():
+            opt.step()
         if step == 0:  # the gradients were made orthogonal to the initial weights: projected then
             results["parameters_projected_at_step_1"] = int(zero_adamp.last_projected)
     after = flat.detach().split([p.numel() for p in params])
     errors = [((a.view(p.shape) - p).norm() / p.norm()).item() for a, p in zip(after, reference)]
     results["max_relative_difference_vs_timm_after_5_steps"] = max(errors)
+    for name, (copy, _) in variants.items():
+        after = copy.detach().split([p.numel() for p in params])
+        results[f"{name}_max_relative_difference_vs_timm"] = max(
+            ((a.view(p.shape) - p).norm() / p.norm()).item() for a, p in zip(after, reference))
     results["parameters"] = len(params)
     results["elements"] = total
 
-    for name, opt in (("zero_adamp_flat", zero_adamp), ("timm_adamp_per_parameter", timm_adamp),
-                      ("torch_adamw_foreach", adamw), ("torch_adamw_fused_flat", adamw_fused)):
+    timed_optimizers = [("zero_adamp_flat", zero_adamp), ("timm_adamp_per_parameter", timm_adamp),
+                        ("torch_adamw_foreach", adamw), ("torch_adamw_fused_flat", adamw_fused)]
+    timed_optimizers += [(name, opt) for name, (_, opt) in variants.items()]
+    for name, opt in timed_optimizers:
         opt.step()  # warm-up
         median, low, high = timed(opt.step, device, repeats)
         results[f"{name}_ms"] = {"median": median * 1e3, "min": low * 1e3, "max": high * 1e3}
+        if device.type == "cuda":   # steps queued back to back, as a training loop queues them: the device's time
+            results[f"{name}_back_to_back_ms"] = back_to_back(opt.step, repeats)
     results["zero_adamp_over_fused_adamw"] = (results["zero_adamp_flat_ms"]["median"]
                                               / results["torch_adamw_fused_flat_ms"]["median"])
+    for name, _ in timed_optimizers[4:]:
+        results[f"{name}_over_fused_adamw"] = (results[f"{name}_ms"]["median"]
+                                               / results["torch_adamw_fused_flat_ms"]["median"])
+    if device.type == "cuda":
+        for name, _ in [timed_optimizers[0]] + timed_optimizers[4:]:
+            results[f"{name}_back_to_back_over_fused_adamw"] = (results[f"{name}_back_to_back_ms"]
+                                                                / results["torch_adamw_fused_flat_back_to_back_ms"])
     if device.type == "cuda":
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -196,7 +250,7 @@ def engine_part(repeats, batch, image_size):
                                                                            "torch_adam": True}})):
         config = {"train_micro_batch_size_per_gpu": batch, "train_batch_size": batch * world,
                   "zero_optimization": {"stage": 1}, "steps_per_print": 10 ** 9, "optimizer": block}
-        engine, *_ = autowu_ds.initialize(model=resnet50(device), config=config)
+        engine, *_ = autowu_ds.initialize(model=create("resnet50", device), config=config)
         # The client optimizer's step alone, as the engine calls it on this rank's ZeRO-1 partition.
         basic = engine.optimizer.optimizer
         timings = {"optimizer": [], "engine": [], "class": f"{type(basic).__module__}.{type(basic).__name__}"}
@@ -303,7 +357,7 @@ def engine_part(repeats, batch, image_size):
     results["zero1_adamp_views_of_whole_parameters"] = views_at["views"]
     results["ranks"] = world
     results["batch_per_rank"], results["image_size"] = batch, image_size
-    model = resnet50(device)
+    model = create("resnet50", device)
     opt = timm.optim.AdamP(model.parameters(), **ADAMP)
     step_times = []
     for i in range(repeats + 2):
@@ -326,11 +380,14 @@ def main():
     parser.add_argument("--batch", type=int, default=8, help="engine part: images a rank")
     parser.add_argument("--image_size", type=int, default=64, help="engine part: pixels a side")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--model", default="resnet50", help="flat part: timm's model whose parameters are laid out")
+    parser.add_argument("--variants", action="store_true",
+                        help="flat part: time the device paths' variants on the CPU too (with TRITON_INTERPRET=1)")
     parser.add_argument("--local_rank", type=int, default=0)  # under `deepspeed --num_gpus N` (engine part)
     args = parser.parse_args()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
     if args.part == "flat":
-        results = flat_part(torch.device(args.device), args.repeats)
+        results = flat_part(torch.device(args.device), args.repeats, args.model, args.variants or None)
     else:
         results = engine_part(args.repeats, args.batch, args.image_size)
     results.update(torch=torch.__version__, cores=os.cpu_count(), part=args.part, device=args.device)

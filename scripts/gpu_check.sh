@@ -4,12 +4,13 @@
 #   summary.json        every step's exit status and seconds, the environment, the figures below
 #   gpu_check.log       every step's output
 #   pytest.xml          `pytest -m gpu`: GPU loaders against the CPU path, the fp16 ZeRO-1 engine's host syncs,
-#                       ZeroAdamP's bits on two runs,
+#                       ZeroAdamP's bits on two runs (its Triton kernels and its torch path),
 #                       the digits default on one GPU (tests/test_gpu.py)
 #   engine_syncs.json, digits_gpu.json   what those tests measured
 #   throughput.json     benchmarks/gpu_throughput.py: FFCV loader, FFCV + DeepSpeed training, model only,
 #                       torchvision's loader, channels_last under ZeRO, ZeroAdamP's share of a step; and ratios
-#   adamp_flat.json     benchmarks/bench_adamp.py flat: ZeroAdamP against torch's fused AdamW on one flat buffer
+#   adamp_flat.json     benchmarks/bench_adamp.py flat: ZeroAdamP (Triton kernels; its torch path; smaller tiles)
+#                       against torch's fused AdamW on one flat buffer, synchronised and back to back
 # There, with .gpu_kit copied beside the repository:  bash scripts/gpu_check.sh [OUT_DIR]
 # Here first, on the CPU:  bash scripts/gpu_check.sh --dry-run [OUT_DIR]
 #   the same steps up to the CUDA calls: the kit installs for Python 3.12 and loads without this machine's
@@ -125,7 +126,7 @@ fi
 if [ $DRY = 1 ]; then
   step adamp_flat 120 "$PY" benchmarks/bench_adamp.py flat --device cpu --repeats 2 --json "$OUT_DIR/adamp_flat.json"
 else
-  step adamp_flat 90 "$PY" benchmarks/bench_adamp.py flat --device cuda --json "$OUT_DIR/adamp_flat.json"
+  step adamp_flat 150 "$PY" benchmarks/bench_adamp.py flat --device cuda --json "$OUT_DIR/adamp_flat.json"
 fi
 
 "$PY" - "$OUT_DIR" "$STEPS" <<'PY'

@@ -20,12 +20,17 @@ def conv_bn_linear():
                                torch.nn.Flatten(), torch.nn.Linear(7 * 6 * 6, 5))
 
 
-def train_pair(steps, nesterov=False, channels_last=False):
+def train_pair(steps, nesterov=False, channels_last=False, kernel=None):
+    """conv_bn_linear trained by timm's AdamP and by ZeroAdamP (its tensors stepped by ``kernel``: numba's on the
+    CPU unless told): the parameters' relative errors, and the projected count at each step."""
     a, b = conv_bn_linear(), conv_bn_linear()
     if channels_last:
         b = b.to(memory_format=torch.channels_last)
     reference = timm.optim.AdamP(a.parameters(), lr=0.01, weight_decay=0.1, nesterov=nesterov)
     ours = ZeroAdamP(b.parameters(), lr=0.01, weight_decay=0.1, nesterov=nesterov)
+    for p in b.parameters():
+        if kernel:
+            ours._segments_of(p)[0].kernel = kernel
     projected = []
     for step in range(steps):
         x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(step))
@@ -241,29 +246,36 @@ def test_a_row_that_could_not_be_taken_back_is_not_stepped_ahead(view, breaking_
     ours.grad, theirs.grad = g.clone(), g.clone()
     opt.step()
     reference.step()
-    # This step's direction of row 3, q = m / (sqrt(v) / sqrt(bc2) + eps) with m = 0.9 m0 + 0.1 g, v = 0.999 v0 + ..:
-    # m0 along -w[3] with v0 = 1, so that lr c = lr (w . q) / |w|^2 = 0.01 - d.
     p = theirs.detach().reshape(16, -1).clone()
     g = weight_gradients(theirs.detach(), view, breaking_row, 2)
-    step_size = lr / (1 - 0.9 ** 2)
-    d = 1 - lr * 0.1 * 0.1
-    v0 = torch.ones(16, 27)
-    v = 0.999 * v0 + 0.001 * g.reshape(16, -1) ** 2
-    denom = v.sqrt() / math.sqrt(1 - 0.999 ** 2) + 1e-8
-    # (0.9 alpha (-p3) + 0.1 g3) / denom . p3 / |p3|^2 = (0.01 - d) / step_size, solved for alpha
-    target = (0.01 - d) / step_size * (p[3] * p[3]).sum()
-    along, other = (-0.9 * p[3] / denom[3] * p[3]).sum(), (0.1 * g.reshape(16, -1)[3] / denom[3] * p[3]).sum()
-    m0 = torch.zeros(16, 27)
-    m0[3] = -p[3] * (target - other) / along
-    for state in (opt.state[ours], reference.state[theirs]):
-        state["exp_avg"].copy_(m0.reshape(weight.shape))
-        state["exp_avg_sq"].copy_(v0.reshape(weight.shape))
+    set_moments_that_cannot_be_taken_back(g, p, lr, (opt.state[ours], reference.state[theirs]))
     ours.grad, theirs.grad = g.clone(), g.clone()
     opt.step()
     reference.step()
+    step_size, d = lr / (1 - 0.9 ** 2), 1 - lr * 0.1 * 0.1
+    denom = (opt.state[ours]["exp_avg_sq"].reshape(16, -1).sqrt() / math.sqrt(1 - 0.999 ** 2) + 1e-8)
     q3 = opt.state[ours]["exp_avg"].reshape(16, -1)[3] / denom[3]
     assert abs(d + step_size * (q3 * p[3]).sum().item() / (p[3] * p[3]).sum().item() - 0.01) < 1e-3   # as built
     assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+def set_moments_that_cannot_be_taken_back(g, p, lr, states):
+    """Moments (in every state of ``states``) for a (16, 27) weight ``p`` after one step, such that with gradient
+    ``g`` at step 2 row 3's ``d + lr c`` is 0.01. This step's direction of row 3 is q = m / (sqrt(v) / sqrt(bc2) +
+    eps) with m = 0.9 m0 + 0.1 g, v = 0.999 v0 + ..: m0 along -p[3] with v0 = 1, so that
+    lr c = lr (p . q) / |p|^2 = 0.01 - d."""
+    g = g.reshape(16, -1)
+    step_size, d = lr / (1 - 0.9 ** 2), 1 - lr * 0.1 * 0.1
+    v0 = torch.ones(16, 27)
+    denom = (0.999 * v0 + 0.001 * g ** 2).sqrt() / math.sqrt(1 - 0.999 ** 2) + 1e-8
+    # (0.9 alpha (-p3) + 0.1 g3) / denom . p3 / |p3|^2 = (0.01 - d) / step_size, solved for alpha
+    target = (0.01 - d) / step_size * (p[3] * p[3]).sum()
+    along, other = (-0.9 * p[3] / denom[3] * p[3]).sum(), (0.1 * g[3] / denom[3] * p[3]).sum()
+    m0 = torch.zeros(16, 27)
+    m0[3] = -p[3] * (target - other) / along
+    for state in states:
+        state["exp_avg"].copy_(m0.reshape(state["exp_avg"].shape))
+        state["exp_avg_sq"].copy_(v0.reshape(state["exp_avg_sq"].shape))
 
 
 def test_the_cpu_path_refuses_a_moment_it_cannot_step_in_place():
@@ -420,7 +432,7 @@ def test_the_fused_cpu_step_equals_the_device_path_and_any_thread_count():
         for step in range(4):
             flat.grad = torch.randn(end, generator=torch.Generator().manual_seed(step))
             segments, _ = opt._segments_of(flat)
-            segments.fused = fused
+            segments.kernel = "numba" if fused else "torch"
             opt.step()
         return flat.detach().clone()
 
@@ -458,7 +470,7 @@ def test_the_device_paths_channel_sums_are_each_channels_own():
     partial = torch.zeros(4, segments.num_rows + 1)
     perturb = opt._adam(flat, opt.param_groups[0], 0.9, 0.999)
     opt.state[flat].clear()
-    segments.fused = False
+    segments.kernel = "torch"
     assert opt._adam_and_sums(flat, opt.param_groups[0], segments, partial) is not None
     expected = torch.zeros(4, segments.num_rows + 1, dtype=torch.float64)
     row0 = 0

@@ -144,10 +144,13 @@ def test_fp16_zero1_engine_with_autowu_syncs_only_in_gp_tests(tmp_path):
     assert ours == [], f"host syncs outside DeepSpeed and the GP tests: {ours[:10]}"
 
 
-def test_zero_adamp_on_the_gpu_gives_the_same_bits_every_run():
+@pytest.mark.parametrize("kernel", ["triton", "torch"])
+def test_zero_adamp_on_the_gpu_gives_the_same_bits_every_run(kernel):
     """ResNet-50's parameters as ZeRO-1 lays them out on one rank (a flat fp32 buffer with padding), ZeroAdamP's
-    device path: its channel sums are segmented reductions (no atomics), so two runs from the same state give
-    the same bits (with ``index_add_`` they differed in the last bits); and it stays timm's AdamP."""
+    device paths (Triton's kernels, the default; torch operations, where Triton is missing): no atomics in the
+    channel sums, so two runs from the same state give the same bits (with ``index_add_`` they differed in the
+    last bits); and each stays timm's AdamP. Random gradients: most rows step ahead in the channel view and are
+    taken back, some parameters are projected."""
     import timm
     import timm.optim
     from autowu.adamp import FlatLayout, ZeroAdamP
@@ -168,6 +171,9 @@ def test_zero_adamp_on_the_gpu_gives_the_same_bits_every_run():
             flat.data[offset:offset + p.numel()] = p.reshape(-1)
         opt = ZeroAdamP([flat], lr=1e-3, weight_decay=0.1)
         opt.set_layout(flat, layout)
+        segments = opt._segments_of(flat)[0]
+        assert segments.kernel == "triton"   # a GPU's default
+        segments.kernel = kernel
         for grad in grads:
             flat.grad = grad.clone()
             opt.step()

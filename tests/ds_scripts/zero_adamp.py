@@ -25,6 +25,8 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
 parser.add_argument("--stages", default="1")
 parser.add_argument("--local_rank", type=int, default=0)
+parser.add_argument("--kernel", default=None, choices=["triton"],
+                    help="step the partitions with the Triton kernels (a GPU's; here under TRITON_INTERPRET=1)")
 args = parser.parse_args()
 
 MICRO_BATCH, GAS, STEPS, CUT = 8, 2, 6, 3
@@ -35,6 +37,12 @@ rank, world = dist.get_rank(), dist.get_world_size()
 digits = load_digits()
 images = torch.tensor(digits.data / 16.0, dtype=torch.float32).view(-1, 1, 8, 8).expand(-1, 3, -1, -1)
 labels = torch.tensor(digits.target)
+
+
+def use_kernel(optimizer):
+    if args.kernel:
+        for p in optimizer.param_groups[0]["params"]:
+            optimizer._segments_of(p)[0].kernel = args.kernel
 
 
 def model_fn():
@@ -98,6 +106,7 @@ for stage in [int(s) for s in args.stages.split(",")]:
     basic = engine.optimizer.optimizer
     assert isinstance(basic, ZeroAdamP)
     partition = basic.param_groups[0]["params"][0]
+    use_kernel(basic)
     layout = basic._layouts[partition][0]
     # Parameters cut by this rank's partition boundaries.
     bounds = (layout.start, layout.start + layout.numel)
@@ -111,6 +120,7 @@ for stage in [int(s) for s in args.stages.split(",")]:
     projected = None if basic.last_projected is None else int(basic.last_projected)
 
     resumed_engine, *_ = autowu_ds.initialize(model=model_fn(), config=config(stage))
+    use_kernel(resumed_engine.optimizer.optimizer)
     resumed_engine.load_checkpoint(ckpt, tag="cut")
     train(resumed_engine, CUT, STEPS)
     resumed = params_of(resumed_engine.module)
