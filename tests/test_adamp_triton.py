@@ -96,7 +96,8 @@ def test_every_kernel_variant_compiles_for_hopper():
     from triton.compiler import ASTSource
 
     from autowu import adamp_triton as at
-    variants = [(at._rows_kernel, {"BLOCK": block}, at._warps(block)) for block in at.TILE_CLASSES]
+    variants = [(at._rows_kernel, {"ALIGNED": aligned, "BLOCK": block}, at._warps(block))
+                for block in at.TILE_CLASSES for aligned in (True, False)]
     variants += [(at._decide_kernel, {"BLOCK": at.DECIDE_BLOCK}, 4)]
     variants += [(kernel, {"NESTEROV": nesterov, "BLOCK": at.FINISH_BLOCK}, 4)
                  for kernel in (at._long_rows_kernel, at._finish_kernel) for nesterov in (False, True)]
@@ -107,3 +108,13 @@ def test_every_kernel_variant_compiles_for_hopper():
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
         assert len(compiled.asm["cubin"]) > 1000, (kernel.fn.__name__, constexprs)
         assert ".target sm_90" in compiled.asm["ptx"]
+    # Told that a tile starts and ends on 4-element boundaries of a 16-byte aligned tensor, as torch allocates
+    # them, the rows kernel loads and stores 4 floats at a time (16-byte vectors); not told, one at a time.
+    for aligned in (True, False):
+        names = at._rows_kernel.arg_names
+        source = ASTSource(fn=at._rows_kernel, signature=_signature(at._rows_kernel),
+                           constexprs={(names.index("ALIGNED"),): aligned, (names.index("BLOCK"),): 1024},
+                           attrs={(names.index(name),): [["tt.divisibility", 16]]
+                                  for name in ("param", "grad", "exp_avg", "exp_avg_sq")})
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+        assert (ptx.count("ld.global.v4") >= 4 and ptx.count("st.global.v4") >= 2) == aligned

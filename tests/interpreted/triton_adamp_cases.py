@@ -232,9 +232,14 @@ def test_tiles_of_every_size_class_cover_every_element_once():
             a, n = plan.segment_first[s].item(), plan.segment_length[s].item()
             covered[a:a + n] += 1
         assert covered.eq(1).all()
-        assert sorted(t.block for t in plan.classes) == sorted(TILE_CLASSES)
-        lower = 0
+        assert sorted({t.block for t in plan.classes}) == sorted(TILE_CLASSES)
+        assert {t.aligned for t in plan.classes} == {True, False}
+        lower = {}
         for tiles in plan.classes:   # each tile in the smallest class that holds it
             lengths = plan.tile_length[tiles.ids.long()]
-            assert (lengths <= tiles.block).all() and (lengths > lower).all()
-            lower = tiles.block
+            firsts = plan.tile_first[tiles.ids.long()]
+            assert (lengths <= tiles.block).all() and (lengths > lower.get(tiles.aligned, 0)).all()
+            lower[tiles.aligned] = tiles.block
+            # a tile launched as aligned really is: a wrong promise reads the wrong elements on a GPU
+            on_boundaries = (firsts % 4 == 0) & (lengths % 4 == 0)
+            assert on_boundaries.all() if tiles.aligned else not on_boundaries.any()
