@@ -56,6 +56,7 @@ DECIDE_BLOCK = 1024        # rows the decision takes at a time
 # theirs whatever the classes; EfficientNet-B0's depthwise rows hold 9 or 25 elements (the 64 class).
 TILE_CLASSES = (64, 256, 1024, 4096, MAX_TILE)
 
+# The numbers the kernels compare with (as literals: a Triton kernel reads no Python globals but constexprs).
 _OTHER, _ROW, _ROW_AHEAD = 0, 1, 2                 # what a tile holds
 _NO_PROJECTION, _CHANNEL_VIEW, _LAYER_VIEW = 0, 1, 2   # a parameter's view (autowu.adamp_cpu's numbering)
 
