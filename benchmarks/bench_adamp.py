@@ -131,7 +131,7 @@ def flat_part(device, repeats, model_name="resnet50", variants_too=None):
     # Triton kernels, and where Triton is missing), and the Triton kernels with tiles of at most 4,096 elements
     # (rows over it, layer4's 4,608-element ones, then take the looping kernel: registers against a second read).
     variants = {}
-    if variants_too if variants_too is not None else device.type == "cuda":
+    if device.type == "cuda" if variants_too is None else variants_too:
         from autowu.adamp_triton import TritonPlan
         for name, kernel, classes in (("zero_adamp_torch_path", "torch", None),
                                       ("zero_adamp_tiles_to_4096", "triton", (64, 256, 1024, 4096))):
