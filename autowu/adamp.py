@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch.optim.optimizer import Optimizer
 
 from .adamp_cpu import CutRows, WholeParameters, cut_parameters, segments_of, whole_parameter_units
+from .errors import ConfigError
 
 # The four per-channel sums, in this order, in the reduced buffer.
 _GRAD_PARAM, _GRAD_GRAD, _PARAM_PARAM, _PARAM_PERTURB = range(4)
@@ -174,13 +175,7 @@ class ZeroAdamP(Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, delta: float = 0.1, wd_ratio: float = 0.1, nesterov: bool = False):
-        if not lr >= 0:
-            raise ValueError(f"ZeroAdamP: invalid lr {lr}")
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"ZeroAdamP: invalid betas {betas}")
-        if not eps > 0 or not weight_decay >= 0 or not delta > 0 or not 0 <= wd_ratio <= 1:
-            raise ValueError(f"ZeroAdamP: invalid eps {eps}, weight_decay {weight_decay}, delta {delta} or "
-                             f"wd_ratio {wd_ratio}")
+        check_arguments(lr, betas, eps, weight_decay, delta, wd_ratio)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, delta=delta,
                         wd_ratio=wd_ratio, nesterov=nesterov)
         super().__init__(params, defaults)
@@ -434,6 +429,18 @@ class ZeroAdamP(Optimizer):
         return exp_avg / denom
 
 
+def check_arguments(lr: float, betas: Tuple[float, float], eps: float, weight_decay: float, delta: float,
+                    wd_ratio: float) -> None:
+    """AdamP's values in range, or one ``ConfigError`` naming the first that is not."""
+    for name, value, valid, allowed in (
+            ("lr", lr, lr >= 0, ">= 0"),
+            ("betas", betas, len(betas) == 2 and all(0 <= b < 1 for b in betas), "two numbers in [0, 1)"),
+            ("eps", eps, eps > 0, "> 0"), ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
+            ("delta", delta, delta > 0, "> 0"), ("wd_ratio", wd_ratio, 0 <= wd_ratio <= 1, "in [0, 1]")):
+        if not valid:
+            raise ConfigError(f"AdamP: {name} must be {allowed}, got {value!r}")
+
+
 KERNEL_ENV = "AUTOWU_ADAMP_KERNEL"
 
 
@@ -444,7 +451,7 @@ def device_kernel() -> str:
     import importlib.util
     choice = os.environ.get(KERNEL_ENV, "")
     if choice not in ("", "triton", "torch"):
-        raise ValueError(f"{KERNEL_ENV}={choice!r}: 'triton', 'torch' or unset")
+        raise ConfigError(f"{KERNEL_ENV}={choice!r}: 'triton', 'torch' or unset")
     have_triton = importlib.util.find_spec("triton") is not None
     if choice == "triton" and not have_triton:
         raise RuntimeError(f"{KERNEL_ENV}=triton, but Triton cannot be imported here")

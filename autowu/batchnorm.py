@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .errors import UserError
+
 
 def check_norm_act(model: torch.nn.Module) -> None:
     """Raise if a SyncBatchNorm holds an activation (or drop) it will never call."""
@@ -27,7 +29,7 @@ def check_norm_act(model: torch.nn.Module) -> None:
             and any(not isinstance(getattr(module, attr, None), (type(None), torch.nn.Identity))
                     for attr in ("act", "drop"))]
     if lost:
-        raise ValueError(f"{len(lost)} SyncBatchNorm layers hold an activation their forward never calls "
+        raise UserError(f"{len(lost)} SyncBatchNorm layers hold an activation their forward never calls "
                          f"(first: {lost[0]}): converted with torch's convert_sync_batchnorm; use "
                          "autowu.batchnorm.convert_sync_batchnorm (timm's), which keeps BatchNormAct2d's act")
 
@@ -88,4 +90,4 @@ def load_batchnorm_statistics(model: torch.nn.Module, flat: torch.Tensor) -> Non
         buffer.copy_(flat[offset:offset + buffer.numel()].view_as(buffer))
         offset += buffer.numel()
     if offset != flat.numel():
-        raise ValueError(f"BatchNorm statistics from the checkpoint hold {flat.numel()} values, the model {offset}")
+        raise UserError(f"BatchNorm statistics from the checkpoint hold {flat.numel()} values, the model {offset}")

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from numba import njit
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True)
 class GPTestSettings:
@@ -46,11 +48,11 @@ class GPTestSettings:
     def __post_init__(self):
         for name in ("fit_points", "fit_iterations", "condition_points", "grid_points", "num_fits"):
             if getattr(self, name) < 1:
-                raise ValueError(f"GPTestSettings.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"GPTestSettings.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.5 <= self.confidence < 1.0:
-            raise ValueError(f"GPTestSettings.confidence must be in [0.5, 1), got {self.confidence}")
+            raise ConfigError(f"GPTestSettings.confidence must be in [0.5, 1), got {self.confidence}")
         if self.lengthscale <= 0:
-            raise ValueError(f"GPTestSettings.lengthscale must be > 0, got {self.lengthscale}")
+            raise ConfigError(f"GPTestSettings.lengthscale must be > 0, got {self.lengthscale}")
 
 
 def softplus(x: float) -> float:

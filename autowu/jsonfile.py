@@ -6,17 +6,19 @@ import json
 import os
 from typing import Any
 
+from .errors import ConfigError, MissingFileError
+
 
 def read_json(path: "str | os.PathLike", what: str) -> Any:
     """The parsed JSON at ``path``; ``what`` names the file in errors ("DeepSpeed config", "data config")."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise MissingFileError(f"{what} not found: {path}")
     with open(path, encoding="utf-8") as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{what} {path} is not valid JSON: {err}") from None
+            raise ConfigError(f"{what} {path} is not valid JSON: {err}") from None
 
 
 def write_durably(path: "str | os.PathLike", text: str) -> None:

@@ -29,6 +29,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from .errors import ConfigError, MissingFileError, UserError
+
 
 class SwitchRollback:
     def __init__(self, optimizer: torch.optim.Optimizer, modules: Sequence[torch.nn.Module], keep: int = 6):
@@ -105,7 +107,7 @@ class EngineRollback(SwitchRollback):
     def __init__(self, engine, keep: int = 6):
         optimizer, zero = engine.basic_optimizer, engine.optimizer
         if engine.zero_optimization_stage() >= 3:  # its module parameters are placeholders; not mapped here
-            raise ValueError("AutoWU rollback: ZeRO stage 3 is not supported; use \"zero_optimization\": "
+            raise ConfigError("AutoWU rollback: ZeRO stage 3 is not supported; use \"zero_optimization\": "
                              "{\"stage\": 1} or 2, or remove rollback from the scheduler params")
         self.zero = zero if hasattr(zero, "update_lp_params") and hasattr(zero, "single_partition_of_fp32_groups") \
             else None
@@ -113,7 +115,7 @@ class EngineRollback(SwitchRollback):
             module_params = {id(p) for p in engine.module.parameters()}
             stepped = [p for group in optimizer.param_groups for p in group["params"]]
             if not all(id(p) in module_params for p in stepped):
-                raise ValueError(
+                raise ConfigError(
                     f"AutoWU rollback: the engine's optimizer ({type(zero).__name__}) keeps master weights autowu "
                     "cannot put back (it knows ZeRO stage 1 and 2, and fp32 without ZeRO); use "
                     "\"zero_optimization\": {\"stage\": 1} or 2, or remove rollback from the scheduler params")
@@ -158,12 +160,12 @@ class EngineRollback(SwitchRollback):
             return
         path = os.path.join(folder, ROLLBACK_FILE.format(rank=_rank()))
         if not os.path.exists(path):
-            raise FileNotFoundError(f"AutoWU rollback: the checkpoint in {folder} holds {len(steps)} snapshot(s) "
+            raise MissingFileError(f"AutoWU rollback: the checkpoint in {folder} holds {len(steps)} snapshot(s) "
                                     f"but no {os.path.basename(path)} (this rank's)")
         saved = torch.load(path, map_location="cpu", weights_only=False)
         found = [s["step"] for s in saved["snapshots"]]
         if found != steps:
-            raise ValueError(f"AutoWU rollback: {path} holds the snapshots of steps {found}, the scheduler's state "
+            raise UserError(f"AutoWU rollback: {path} holds the snapshots of steps {found}, the scheduler's state "
                              f"says {steps}: the files are from different saves")
         self.snapshots = saved["snapshots"]
 

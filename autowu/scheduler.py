@@ -37,31 +37,13 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from .gp import GPHyperparameters, GPTestResult, GPTestSettings, PastMinimumTest
+from .errors import ConfigError
+from .gp import GPHyperparameters, GPTestResult, PastMinimumTest
+from .options import AutoWUOptions
 from .rollback import SwitchRollback
-from .schedule import COOLDOWN_TYPES, WARMUP_TYPES, Schedule
+from .schedule import Schedule
 from .spikes import usable_losses
 from .switch import SWITCH, SwitchRule
-
-GP_BACKENDS = ("fast", "gpytorch")
-MODES = ("default", "paper")
-# What each mode sets unless the caller sets it: "paper" is the paper's code exactly.
-MODE_DEFAULTS = {
-    "paper": {"max_warmup_fraction": 0.5, "patience": 3, "spike_threshold": None, "hold": False,
-              "peak_fraction": 1.0, "max_lr_growth_per_test": None, "resume_from_argmin": False,
-              "min_epochs_before_test": 0.0, "peak_highest_of_hold": False, "rollback": False},
-    "default": {"max_warmup_fraction": 0.2, "patience": 2, "spike_threshold": 6.0, "hold": True,
-                "peak_fraction": 1.0, "max_lr_growth_per_test": 1.8, "resume_from_argmin": True,
-                "min_epochs_before_test": 0.0, "peak_highest_of_hold": True, "rollback": True},
-}
-_FROM_MODE = object()  # "not given": the mode's value
-
-
-def _choice(name: str, value: str, allowed) -> str:
-    if value not in allowed:
-        raise ValueError(f"AutoWU: invalid {name} {value!r}; allowed: {', '.join(map(repr, allowed))}")
-    return value
-
 
 @dataclass
 class TestRecord:
@@ -101,124 +83,60 @@ class AutoWU:
             LR is that of the group with the largest initial LR.
         steps_per_epoch: optimizer steps in an epoch; the GP test runs at each epoch's end, or more often.
         total_epochs: length of the run; the LR reaches 0 after ``steps_per_epoch * total_epochs`` steps.
-        min_lr, max_lr: warmup starts at ``min_lr`` and would reach ``max_lr`` at the warmup cap.
-        max_warmup_fraction: the warmup cap, as a fraction of all steps (the mode's: 0.2, the paper 0.5).
-        warmup_type: ``"exp"`` (the paper's) or ``"linear"``.
-        immediate_cooldown: cosine from the switch to 0; otherwise constant, then the cooldown.
-        cooldown_type: ``"cosine"``, ``"half_cosine"`` (the paper's code's variant) or ``"linear"`` (straight to
-            0; measured against the cosine in ``benchmarks/RESULTS.md``, issue 19: no better on any task).
-        cooldown_fraction: the last fraction of steps spent in cooldown when not ``immediate_cooldown``.
+        options: an ``AutoWUOptions``; or give its fields as keyword arguments (``mode="paper"``,
+            ``immediate_cooldown=True``, ...), not both. ``autowu.options`` lists them with their help.
         device: where losses are buffered; by default the device of the first loss (no copy, no sync).
-        patience: passing tests in a row that end the warmup (the mode's: 2, the paper 3).
-        spike_threshold: losses this many robust standard deviations beyond the levels both before and after
-            them are left out of the GP fit (``autowu.spikes``); ``None`` (the paper) keeps all finite losses.
-        gp_settings: ``GPTestSettings``; the paper's by default.
-        gp_backend: ``"fast"`` (weight-space numpy, default) or ``"gpytorch"`` (the paper's computation).
-        seed: seed of the subsampling generator (every rank must use the same).
-        mode: ``"default"`` or ``"paper"``; sets every option below and those marked "the mode's" above,
-            unless given.
-        hold: keep the LR while a passing test is being confirmed (``autowu.switch``; the paper: no).
-        peak_fraction: post-switch LR as a fraction of the LR at the predicted minimum (both modes: 1).
-        max_lr_growth_per_test: test often enough that the exponential ramp grows the LR at most this much
-            between two tests (never less than once an epoch); ``None``, the paper: once an epoch.
-        resume_from_argmin: when a hold ends in a failing test, ramp again from the LR at the minimum that the
-            hold's first test predicted, not from the held LR (which was already past it).
-        min_epochs_before_test: no GP test before this many epochs of losses (the paper's first test comes after
-            one epoch; more frequent tests would otherwise start with a handful of noisy losses).
-        peak_highest_of_hold: a switch that ends a hold takes the highest LR any test of the hold predicted as
-            the minimum, not the last test's (losses rising under a held LR pull the GP's minimum lower;
-            ``autowu.switch``); the paper: the last test's.
-        rollback: at the switch, put back the training state (parameters, optimizer state, ``model``'s buffers)
-            of the last GP test whose LR was at most the peak, so that the run goes on from before the ramp
-            overshot it (``autowu.rollback``). On in the default mode, off in the paper's. Under DeepSpeed the
-            engine's own (its module, ZeRO's partitions: ``autowu.rollback.EngineRollback``).
-        model: the module whose buffers (BatchNorm statistics) ``rollback`` keeps with the parameters; without it
-            they are not put back.
-        rollback_keep: snapshots held at most (each a copy of the parameters and optimizer state, in host
-            memory); the default 6 reaches a peak 1.8^6 = 34x below the LR at the switch.
+        model: the module whose buffers (BatchNorm statistics) the rollback puts back with the parameters;
+            without it they are not put back.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int, total_epochs: int,
-                 min_lr: float = 1e-5, max_lr: float = 1.0, max_warmup_fraction: float = _FROM_MODE,
-                 warmup_type: str = "exp", immediate_cooldown: bool = False, cooldown_type: str = "cosine",
-                 cooldown_fraction: float = 0.2, device=None, patience: int = _FROM_MODE,
-                 spike_threshold: Optional[float] = _FROM_MODE, gp_settings: Optional[GPTestSettings] = None,
-                 gp_backend: str = "fast", seed: int = 0, mode: str = "default", hold: bool = _FROM_MODE,
-                 peak_fraction: float = _FROM_MODE, max_lr_growth_per_test: Optional[float] = _FROM_MODE,
-                 resume_from_argmin: bool = _FROM_MODE, min_epochs_before_test: float = _FROM_MODE,
-                 peak_highest_of_hold: bool = _FROM_MODE, rollback: bool = _FROM_MODE,
-                 model: Optional[torch.nn.Module] = None, rollback_keep: int = 6):
-        self.mode = _choice("mode", mode, MODES)
-        given = dict(max_warmup_fraction=max_warmup_fraction, patience=patience, spike_threshold=spike_threshold,
-                     hold=hold, peak_fraction=peak_fraction, max_lr_growth_per_test=max_lr_growth_per_test,
-                     resume_from_argmin=resume_from_argmin, min_epochs_before_test=min_epochs_before_test,
-                     peak_highest_of_hold=peak_highest_of_hold, rollback=rollback)
-        options = {k: MODE_DEFAULTS[self.mode][k] if v is _FROM_MODE else v for k, v in given.items()}
-        max_warmup_fraction = options["max_warmup_fraction"]
-        if int(steps_per_epoch) != steps_per_epoch or steps_per_epoch < 1:
-            raise ValueError(f"AutoWU: steps_per_epoch must be a positive integer, got {steps_per_epoch!r}")
-        if int(total_epochs) != total_epochs or total_epochs < 1:
-            raise ValueError(f"AutoWU: total_epochs must be a positive integer, got {total_epochs!r}")
-        if not 0 < min_lr < max_lr:
-            raise ValueError(f"AutoWU: need 0 < min_lr < max_lr, got min_lr={min_lr}, max_lr={max_lr}")
-        if not 0 < max_warmup_fraction <= 1:
-            raise ValueError(f"AutoWU: max_warmup_fraction must be in (0, 1], got {max_warmup_fraction}")
-        if not 0 <= cooldown_fraction <= 1:
-            raise ValueError(f"AutoWU: cooldown_fraction must be in [0, 1], got {cooldown_fraction}")
-        growth = options["max_lr_growth_per_test"]
-        if growth is not None and not growth > 1:
-            raise ValueError(f"AutoWU: max_lr_growth_per_test must be > 1 or None, got {growth!r}")
-        min_epochs_before_test = options["min_epochs_before_test"]
-        if isinstance(min_epochs_before_test, bool) or not 0 <= min_epochs_before_test <= total_epochs:
-            raise ValueError(f"AutoWU: min_epochs_before_test must be in [0, total_epochs], got "
-                             f"{min_epochs_before_test!r}")
-        if gp_settings is not None and not isinstance(gp_settings, GPTestSettings):
-            raise TypeError(f"AutoWU: gp_settings must be an autowu.GPTestSettings, got {type(gp_settings).__name__}"
-                            " (from a JSON config, autowu.deepspeed builds it from an object of its fields)")
+                 options: Optional[AutoWUOptions] = None, *, device=None, model: Optional[torch.nn.Module] = None,
+                 **option_values):
+        if options is not None and option_values:
+            raise TypeError("AutoWU: pass options= or option keyword arguments, not both")
+        options = options if options is not None else AutoWUOptions.build(**option_values)
+        if isinstance(steps_per_epoch, bool) or int(steps_per_epoch) != steps_per_epoch or steps_per_epoch < 1:
+            raise ConfigError(f"AutoWU: steps_per_epoch must be a positive integer, got {steps_per_epoch!r}")
+        if isinstance(total_epochs, bool) or int(total_epochs) != total_epochs or total_epochs < 1:
+            raise ConfigError(f"AutoWU: total_epochs must be a positive integer, got {total_epochs!r}")
+        if options.min_epochs_before_test > total_epochs:
+            raise ConfigError(f"AutoWU: min_epochs_before_test must be in [0, total_epochs], got "
+                              f"{options.min_epochs_before_test!r}")
         if not optimizer.param_groups:
             raise ValueError("AutoWU: the optimizer has no param groups")
-        rollback = options["rollback"]
-        if model is not None and not rollback:
+        if model is not None and not options.rollback:
             raise ValueError("AutoWU: model= is used only by rollback (on in the default mode)")
 
+        self.options = options
         self.optimizer = optimizer
         self.steps_per_epoch = int(steps_per_epoch)
         self.total_epochs = int(total_epochs)
         self.total_steps = self.steps_per_epoch * self.total_epochs
-        self.min_lr, self.max_lr = float(min_lr), float(max_lr)
-        self.max_warmup_fraction = float(max_warmup_fraction)
-        self.warmup_type = _choice("warmup_type", warmup_type, WARMUP_TYPES)
-        self.immediate_cooldown = bool(immediate_cooldown)
-        self.cooldown_type = _choice("cooldown_type", cooldown_type, COOLDOWN_TYPES)
-        self.cooldown_fraction = float(cooldown_fraction)
-        self.spike_threshold = options["spike_threshold"]
-        self.max_lr_growth_per_test = growth
-        self.rule = SwitchRule(options["patience"], options["hold"], options["peak_fraction"],
-                               options["resume_from_argmin"], options["peak_highest_of_hold"])
-        self.patience = self.rule.patience
-        self.resume_from_argmin = self.rule.resume_from_argmin
-        self.gp_backend = _choice("gp_backend", gp_backend, GP_BACKENDS)
-        self.seed = int(seed)
-        self.rollback = bool(rollback)
+        self.rule = SwitchRule(options.patience, options.hold, options.peak_fraction, options.resume_from_argmin,
+                               options.peak_highest_of_hold)
         # Without model= the parameters and optimizer state go back, BatchNorm's running statistics do not (they
         # follow the restored weights again within some tens of steps; what evaluation sees at the end is exact).
-        self._rollback = (SwitchRollback(optimizer, [model] if model is not None else [], rollback_keep)
-                          if self.rollback else None)
+        self._rollback = (SwitchRollback(optimizer, [model] if model is not None else [], options.rollback_keep)
+                          if options.rollback else None)
         self.device = torch.device(device) if device is not None else None
-        self.schedule = Schedule.build(self.total_steps, self.min_lr, self.max_lr, self.max_warmup_fraction,
-                                       self.warmup_type, self.immediate_cooldown, self.cooldown_type,
-                                       self.cooldown_fraction)
+        self.schedule = Schedule.build(self.total_steps, options.min_lr, options.max_lr, options.max_warmup_fraction,
+                                       options.warmup_type, options.immediate_cooldown, options.cooldown_type,
+                                       options.cooldown_fraction)
+        if self.schedule.warmup_end_cap < 1:
+            raise ConfigError(f"AutoWU: the cooldown starts at step {self.schedule.cooldown_start_step} of "
+                              f"{self.total_steps}, leaving the warmup no step (cooldown_fraction "
+                              f"{options.cooldown_fraction}); lower it, or use immediate_cooldown")
         # Steps between GP tests: an epoch (the paper), or fewer where the exponential ramp would otherwise grow
         # the LR by more than max_lr_growth_per_test between two tests (short budgets ramp fast).
         self.test_every = self.steps_per_epoch
-        if self.max_lr_growth_per_test is not None and self.warmup_type == "exp":
-            per_growth = self.schedule.steps_per_growth(self.max_lr_growth_per_test)
+        if options.max_lr_growth_per_test is not None and options.warmup_type == "exp":
+            per_growth = self.schedule.steps_per_growth(options.max_lr_growth_per_test)
             self.test_every = max(1, min(self.steps_per_epoch, int(per_growth)))
-        self.min_epochs_before_test = float(min_epochs_before_test)
-        self.first_test_step = math.ceil(self.min_epochs_before_test * self.steps_per_epoch)
+        self.first_test_step = math.ceil(options.min_epochs_before_test * self.steps_per_epoch)
 
-        settings = gp_settings or GPTestSettings()
-        if self.gp_backend == "fast":
+        settings = options.gp_settings
+        if options.gp_backend == "fast":
             self._gp_test = PastMinimumTest(settings)
         else:
             from .gp_gpytorch import GPyTorchPastMinimumTest
@@ -229,11 +147,11 @@ class AutoWU:
         self.base_lrs: List[float] = list(initial)
         self.lr_ratios: List[float] = [lr / reference if reference > 0 else 1.0 for lr in initial]
 
-        # Distributed hooks (set by autowu.deepspeed): reduce the losses buffered since the last test in
-        # place, and make every rank take rank 0's decision. Not part of the state.
-        self.loss_reducer: Optional[Callable[[torch.Tensor], None]] = None
-        self.decision_sync: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-        self.pending_loss = None  # a loss handed over by an engine hook, taken by the next step()
+        # Set through connect_ranks by a distributed caller (autowu.deepspeed): reduce the losses buffered since
+        # the last test in place, and make every rank take rank 0's decision. Not part of the state.
+        self._loss_reducer: Optional[Callable[[torch.Tensor], None]] = None
+        self._decision_sync: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        self._handed_loss = None  # a loss handed over by an engine hook (receive_loss), taken by the next step()
 
         self.last_step = 0
         self.phase = "warmup"
@@ -241,48 +159,62 @@ class AutoWU:
         self.switch_curve: Optional[Dict] = None
         self._num_reduced = 0
         self._hyper = GPHyperparameters.initial(settings)
-        self._generator = torch.Generator().manual_seed(self.seed)
+        self._generator = torch.Generator().manual_seed(options.seed)
         self._losses: Optional[torch.Tensor] = None
         self._restored_losses: Optional[torch.Tensor] = None
         self._set_lrs()
 
-    # ---------------------------------------------------------------- the schedule (autowu.schedule) and decisions
+    # ---------------------------------------------------------------- results and the schedule (autowu.schedule)
     @property
-    def max_warmup_steps(self) -> int:
-        return self.schedule.max_warmup_steps
+    def switch_step(self) -> Optional[int]:
+        """The step at which the warmup ended (None before the switch)."""
+        return self.rule.switch_step
 
     @property
-    def cooldown_start_step(self) -> int:
-        return self.schedule.cooldown_start_step
-
-    # The decisions are the switch rule's (autowu.switch); these names are the scheduler's public view of them.
-    holds = property(lambda self: self.rule.holds, lambda self, value: setattr(self.rule, "holds", value))
-    rewinds = property(lambda self: self.rule.rewinds, lambda self, value: setattr(self.rule, "rewinds", value))
-    switch_step = property(lambda self: self.rule.switch_step)
-    peak_lr = property(lambda self: self.rule.peak_lr)
-
-    def warmup_lr(self, position: float) -> float:
-        """The ramp's LR at (possibly fractional) ramp position ``position``: ``min_lr`` at 0, ``max_lr`` at the cap."""
-        return self.schedule.warmup_lr(position)
-
-    def ramp_position(self, step: float) -> float:
-        """Steps the ramp has advanced by ``step``: the steps so far less those spent holding or taken back."""
-        return self.schedule.ramp_position(step, self.rule)
-
-    def warmup_lr_at(self, step: float) -> float:
-        """The warmup LR used at (possibly fractional) step index ``step``, holds included."""
-        return self.schedule.warmup_lr_at(step, self.rule)
+    def peak_lr(self) -> Optional[float]:
+        """The LR the decay starts from (None before the switch)."""
+        return self.rule.peak_lr
 
     def lr_at(self, step: int) -> float:
         """The schedule's LR for step index ``step`` (0-based): a pure function of the step and the decisions
-        taken so far (``holds``, ``rewinds``, ``switch_step``, ``peak_lr``)."""
+        taken so far (the switch rule's holds, rewinds, switch step and peak LR)."""
         return self.schedule.lr(step, self.rule)
+
+    def _warmup_lr_at(self, step: float) -> float:
+        return self.schedule.warmup_lr_at(step, self.rule)
 
     def _set_lrs(self) -> None:
         lr = self.lr_at(self.last_step)
         self._last_lr = [lr * ratio for ratio in self.lr_ratios]
         for group, group_lr in zip(self.optimizer.param_groups, self._last_lr):
             group["lr"] = group_lr
+
+    # ---------------------------------------------------------------- what a distributed caller connects
+    def connect_ranks(self, loss_reducer: Optional[Callable[[torch.Tensor], None]],
+                      decision_sync: Optional[Callable[[torch.Tensor], torch.Tensor]]) -> None:
+        """Run on several ranks: ``loss_reducer(losses)`` averages the losses buffered since the last reduction
+        over the ranks, in place (before each test, and before a checkpoint); ``decision_sync(decision)`` makes
+        every rank take rank 0's decision. ``None, None`` disconnects."""
+        self._loss_reducer, self._decision_sync = loss_reducer, decision_sync
+
+    def receive_loss(self, loss) -> None:
+        """The loss of the optimizer step about to be taken, handed over by a hook that sees it (under DeepSpeed
+        the engine steps the scheduler itself, without it); the next ``step()`` takes it."""
+        self._handed_loss = loss
+
+    @property
+    def switch_rollback(self) -> Optional[SwitchRollback]:
+        """What the switch puts back (None: the switch does not roll back)."""
+        return self._rollback
+
+    def use_rollback(self, rollback: Optional[SwitchRollback]) -> None:
+        """Take ``rollback`` as the state to put back at the switch (``autowu.deepspeed`` gives an engine's), or
+        None for no rollback (an engine that cannot roll back); before the first step."""
+        if self.last_step != 0:
+            raise RuntimeError("AutoWU.use_rollback: only before the first step")
+        self.options = dataclasses.replace(self.options, rollback=rollback is not None,
+                                           rollback_keep=rollback.keep if rollback is not None else None)
+        self._rollback = rollback
 
     # ---------------------------------------------------------------- PyTorch scheduler protocol
     def get_last_lr(self) -> List[float]:
@@ -300,14 +232,14 @@ class AutoWU:
         """Record the loss of the optimizer step just taken and set the LR of the next one.
 
         ``loss``: a scalar tensor (left on its device) or a float. During warmup it is required, unless an
-        engine hook handed it over (``pending_loss``); afterwards it is ignored.
+        engine hook handed it over (``receive_loss``); afterwards it is ignored.
         """
         if isinstance(loss, (bool, int)):
             # DeepSpeed retries a scheduler step that raised TypeError as step(train_batch_size): a batch
             # size must never be taken for a loss.
             raise TypeError(f"AutoWU.step expects the step's loss (a float or a scalar tensor), got int {loss}")
         if loss is None:
-            loss, self.pending_loss = self.pending_loss, None
+            loss, self._handed_loss = self._handed_loss, None
         if self.phase == "warmup":
             if loss is None:
                 raise ValueError("AutoWU.step(loss): the warmup needs each step's training loss (under DeepSpeed the "
@@ -364,18 +296,18 @@ class AutoWU:
         n = self.last_step
         self.reduce_pending_losses()  # one all-reduce per test
         losses = self._losses[:n].double().cpu().numpy()  # the one host sync of a test
-        usable = usable_losses(losses, self.spike_threshold)
-        record = TestRecord(step=n, epoch=n / self.steps_per_epoch, lr=self.warmup_lr_at(n - 1),
+        usable = usable_losses(losses, self.options.spike_threshold)
+        record = TestRecord(step=n, epoch=n / self.steps_per_epoch, lr=self._warmup_lr_at(n - 1),
                             nonfinite=int((~np.isfinite(losses)).sum()),
                             spikes_ignored=int(np.isfinite(losses).sum() - usable.sum()), at_cap=at_cap)
         result = self._gp_result(losses, usable, record) if usable.sum() >= 2 else None
         if result is not None and result.argmin_x:
-            record.argmin_lr = float(np.mean([self.warmup_lr_at(x * n) for x in result.argmin_x]))
+            record.argmin_lr = float(np.mean([self._warmup_lr_at(x * n) for x in result.argmin_x]))
             record.passed = result.passed
             record.probability, record.probabilities = result.probability, list(result.probabilities)
             record.votes, record.failed_fits = result.votes, result.failed_fits
         else:
-            record.argmin_lr = self.warmup_lr_at(n - 1)
+            record.argmin_lr = self._warmup_lr_at(n - 1)
         return record, result, losses, usable
 
     def _gp_result(self, losses: np.ndarray, usable: np.ndarray, record: TestRecord) -> Optional[GPTestResult]:
@@ -392,10 +324,10 @@ class AutoWU:
 
     def _agree(self, passed: bool, argmin_lr: float):
         """Every rank takes rank 0's answer (through ``decision_sync``), so all switch at the same step."""
-        if self.decision_sync is None:
+        if self._decision_sync is None:
             return passed, argmin_lr
         decision = torch.tensor([float(passed), argmin_lr], dtype=torch.float64, device=self._losses.device)
-        synced = self.decision_sync(decision).cpu()
+        synced = self._decision_sync(decision).cpu()
         return bool(synced[0] > 0.5), float(synced[1])
 
     def _enter_decay(self, result: Optional[GPTestResult], losses: np.ndarray, usable: np.ndarray) -> None:
@@ -406,7 +338,7 @@ class AutoWU:
             # What the GP saw and predicted at the switch, for logs and plots.
             self.switch_curve = {"step": n, "x": result.grid.tolist(), "mean": result.curve_mean.tolist(),
                                  "std": result.curve_std.tolist(),
-                                 "lr": [self.warmup_lr_at(x * n) for x in result.grid],
+                                 "lr": [self._warmup_lr_at(x * n) for x in result.grid],
                                  "losses": losses.tolist(), "usable": usable.tolist()}
 
     def reduce_pending_losses(self) -> None:
@@ -416,8 +348,8 @@ class AutoWU:
         rank): a checkpoint then holds the ranks' mean losses, not one rank's own.
         """
         n = self.last_step
-        if self.loss_reducer is not None and self._losses is not None and n > self._num_reduced:
-            self.loss_reducer(self._losses[self._num_reduced:n])
+        if self._loss_reducer is not None and self._losses is not None and n > self._num_reduced:
+            self._loss_reducer(self._losses[self._num_reduced:n])
         self._num_reduced = n
 
     # ---------------------------------------------------------------- checkpointing
@@ -438,30 +370,17 @@ class AutoWU:
             **({"rollback": self._rollback.state_dict()} if self._rollback is not None else {}),
         }
 
-    def use_rollback(self, rollback: SwitchRollback) -> None:
-        """Take ``rollback`` as the state to put back at the switch (``autowu.deepspeed`` gives an engine's);
-        before any step."""
-        if self.last_step != 0:
-            raise RuntimeError("AutoWU.use_rollback: only before the first step")
-        self.rollback, self._rollback = True, rollback
-
     def state_dict_settings(self) -> Dict:
-        """The settings a checkpoint must have been made with to resume exactly."""
+        """The settings a checkpoint must have been made with to resume exactly: the options, the run's length
+        and the test cadence they give."""
         return {"steps_per_epoch": self.steps_per_epoch, "total_epochs": self.total_epochs,
-                "min_lr": self.min_lr, "max_lr": self.max_lr,
-                "max_warmup_fraction": self.max_warmup_fraction, "warmup_type": self.warmup_type,
-                "immediate_cooldown": self.immediate_cooldown, "cooldown_type": self.cooldown_type,
-                "cooldown_fraction": self.cooldown_fraction, "patience": self.patience,
-                "mode": self.mode, "hold": self.rule.hold, "peak_fraction": self.rule.peak_fraction,
-                "spike_threshold": self.spike_threshold, "test_every": self.test_every,
-                "resume_from_argmin": self.resume_from_argmin, "first_test_step": self.first_test_step,
-                "peak_highest_of_hold": self.rule.peak_highest_of_hold, "rollback": self.rollback}
+                "test_every": self.test_every, "first_test_step": self.first_test_step, **self.options.as_dict()}
 
     def load_state_dict(self, state: Dict) -> None:
         mine = self.state_dict_settings()
         mismatched = {k: (v, mine.get(k)) for k, v in state["settings"].items() if mine.get(k) != v}
         if mismatched:
-            raise ValueError("AutoWU.load_state_dict: the checkpoint was made with other settings "
+            raise ConfigError("AutoWU.load_state_dict: the checkpoint was made with other settings "
                              + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in mismatched.items()))
         self.last_step = int(state["last_step"])
         self.phase = state["phase"]

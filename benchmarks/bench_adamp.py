@@ -39,15 +39,12 @@ import math
 import os
 import socket
 import statistics
-import sys
 import time
 from typing import Dict
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from autowu.adamp import FlatLayout, ZeroAdamP  # noqa: E402
+from autowu.adamp import FlatLayout, ZeroAdamP
 
 ADAMP = dict(lr=1e-3, weight_decay=0.1, delta=0.1, wd_ratio=0.1)
 
@@ -235,8 +232,9 @@ def engine_part(repeats, batch, image_size):
     import timm.optim
 
     import autowu.deepspeed as autowu_ds
+    from autowu.launcher.processes import remove_cpu_shm_buffers
     import atexit
-    atexit.register(autowu_ds.remove_cpu_shm_buffers, os.environ["MASTER_PORT"], os.environ.get("LOCAL_RANK", "0"))
+    atexit.register(remove_cpu_shm_buffers, os.environ["MASTER_PORT"], os.environ.get("LOCAL_RANK", "0"))
     deepspeed.init_distributed(dist_backend="gloo")
     device = torch.device("cpu")
     x, y = torch.randn(batch, 3, image_size, image_size), torch.randint(0, 1000, (batch,))

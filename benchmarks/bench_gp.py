@@ -9,18 +9,15 @@ of 500 x 500 covariances from 500 points each. Reports the mean time per test an
     .venv/bin/python benchmarks/bench_gp.py
 """
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from autowu.gp import GPHyperparameters, PastMinimumTest  # noqa: E402
-from autowu.gp_gpytorch import GPyTorchPastMinimumTest  # noqa: E402
-from autowu.spikes import usable_losses  # noqa: E402
-from autowu.synthetic import LossCurve, exponential_warmup_lrs  # noqa: E402
+from autowu.gp import GPHyperparameters, PastMinimumTest
+from autowu.gp_gpytorch import GPyTorchPastMinimumTest
+from autowu.spikes import usable_losses
+from autowu.synthetic import LossCurve, exponential_warmup_lrs
 
 CURVES = {"default": LossCurve(), "noisy": LossCurve(noise=0.1),
           "early": LossCurve(learn_at=-4.0, explode_at=-2.5, noise=0.01),

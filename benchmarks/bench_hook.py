@@ -22,7 +22,6 @@ import time
 import torch
 from torch.overrides import TorchFunctionMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SYNC_CALLS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__"}
 AUTOWU_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "autowu")

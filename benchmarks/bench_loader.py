@@ -14,17 +14,14 @@ loader adds to the work that cannot be avoided.
 """
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from autowu.data import TrainLoaderConfig, WriteConfig, train_loader, write_betons  # noqa: E402
-from autowu.data.lighting import IMAGENET_EIGVAL, IMAGENET_EIGVEC  # noqa: E402
+from autowu.data import TrainLoaderConfig, WriteConfig, train_loader, write_betons
+from autowu.data.lighting import IMAGENET_EIGVAL, IMAGENET_EIGVEC
 
 
 def make_jpegs(root, count, seed=0):

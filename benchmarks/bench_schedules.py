@@ -36,7 +36,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from multiprocessing import Pool
@@ -45,9 +44,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from autowu import AutoWU  # noqa: E402
+from autowu import AutoWU
 
 AUTOWU_METHODS = ("paper", "default", "no_rollback")
 RIVALS = ("schedulefree", "prodigy")

@@ -12,16 +12,12 @@ Needs only torch, numpy, numba, scipy, timm and scikit-learn (the GPU image's), 
 """
 import argparse
 import json
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from autowu import AutoWU  # noqa: E402
-from autowu.adamp import ZeroAdamP  # noqa: E402
+from autowu import AutoWU
+from autowu.adamp import ZeroAdamP
 
 
 def digits(device):

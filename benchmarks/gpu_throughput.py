@@ -27,17 +27,15 @@ import json
 import math
 import multiprocessing
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from autowu.data import DataConfig, train_loader, write_betons
+from autowu.data.loaders import IMAGENET_MEAN, IMAGENET_STD, loader_workers
 
-from autowu.data import DataConfig, train_loader, write_betons  # noqa: E402
-from autowu.data.loaders import IMAGENET_MEAN, IMAGENET_STD, loader_workers  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _write_jpeg(job):

@@ -4,12 +4,8 @@
     python launch/plot_run.py runs/rn50_4k --out rn50.png
 """
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from autowu.plot import plot_run  # noqa: E402
+from autowu.launcher.plot import plot_run
 
 
 def main(argv=None):

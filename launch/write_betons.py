@@ -8,13 +8,9 @@ Every image is checked first; unreadable files are skipped and listed in ``<out_
 ``--digits`` builds the small real digits dataset under ``--data_root`` first (the CPU default's data).
 """
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from autowu.data import DataConfig, write_betons  # noqa: E402
-from autowu.data.digits import build_digits_folder  # noqa: E402
+from autowu.data import DataConfig, write_betons
+from autowu.data.digits import build_digits_folder
 
 
 def main(argv=None):

@@ -26,7 +26,7 @@ def run_deepspeed(script_args, num_ranks=2, timeout=600, env=None):
         return subprocess.run(cmd + [str(a) for a in script_args], cwd=REPO, env=full_env, capture_output=True,
                               text=True, timeout=timeout)
     finally:
-        from autowu.deepspeed import remove_cpu_shm_buffers
+        from autowu.launcher.processes import remove_cpu_shm_buffers
         remove_cpu_shm_buffers(port)  # DeepSpeed's CPU all-reduce leaves 66 MB a rank in /dev/shm
 
 

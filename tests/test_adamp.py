@@ -8,6 +8,7 @@ import timm.optim
 import torch
 
 import autowu.deepspeed as autowu_ds
+from autowu.ds_config import resolve
 from autowu.adamp import FlatLayout, ZeroAdamP
 from conftest import REPO, run_deepspeed
 
@@ -344,10 +345,10 @@ def test_set_ups_where_adamp_cannot_be_adamp_are_refused():
     base = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "AdamP", "params": {"weight_decay": 0.1}}}
     with pytest.raises(ValueError, match="ZeRO stage 3: not supported"):
         autowu_ds.initialize(model=model, config={**base, "zero_optimization": {"stage": 3}})
-    with pytest.raises(ValueError, match="fp16/bf16 needs ZeRO stage 1 or 2"):
+    with pytest.raises(ValueError, match="AdamP with fp16 needs ZeRO stage 1 or 2"):
         autowu_ds.initialize(model=model, config={**base, "fp16": {"enabled": True}})
-    with pytest.raises(ValueError, match="unknown params \\['wd'\\]"):
-        autowu_ds.adamp_params({"optimizer": {"type": "AdamP", "params": {"wd": 0.1}}})
+    with pytest.raises(ValueError, match="optimizer AdamP params: unknown key 'wd'"):
+        resolve({"optimizer": {"type": "AdamP", "params": {"wd": 0.1}}})
     with pytest.raises(ValueError, match="choose one"):
         autowu_ds.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=base)
     timm_adamp = timm.optim.AdamP(model.parameters())
@@ -357,9 +358,9 @@ def test_set_ups_where_adamp_cannot_be_adamp_are_refused():
     with pytest.raises(ValueError, match="Lamb with ZeRO stage 1: its trust ratio is per parameter"):
         autowu_ds.initialize(model=model, config={"train_micro_batch_size_per_gpu": 2, "zero_optimization": {
             "stage": 1}, "optimizer": {"type": "Lamb", "params": {"lr": 0.1}}})
-    assert autowu_ds.adamp_params({"optimizer": {"type": "Adam", "params": {}}}) is None
-    params = autowu_ds.adamp_params({"optimizer": {"type": "adamp", "params": {"betas": [0.9, 0.99]}},
-                                     "zero_optimization": {"stage": 2}})
+    assert resolve({"optimizer": {"type": "Adam", "params": {}}}).adamp is None
+    params = resolve({"optimizer": {"type": "adamp", "params": {"betas": [0.9, 0.99]}},
+                      "zero_optimization": {"stage": 2}}).adamp
     assert params == {"betas": (0.9, 0.99)}
 
 

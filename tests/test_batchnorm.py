@@ -8,8 +8,8 @@ import torch
 from timm.layers import BatchNormAct2d, SyncBatchNormAct
 
 from autowu.batchnorm import check_norm_act, convert_sync_batchnorm
-from autowu.run_config import RunSettings
-from autowu.training import build_model
+from autowu.launcher.run_config import RunSettings
+from autowu.launcher.training import build_model
 
 
 def count(model, cls):

@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from autowu.deepspeed import autowu_params, initialize, load_config
+from autowu.deepspeed import initialize
+from autowu.ds_config import load_config, resolve
 from conftest import REPO, run_deepspeed
 
 SCRIPT = REPO / "tests" / "ds_scripts" / "autowu_engine.py"
@@ -86,13 +87,13 @@ def test_a_builtin_deepspeed_scheduler_still_works(tmp_path):
 def test_config_errors_are_clear(tmp_path):
     config = {"scheduler": {"type": "AutoWU", "params": {"steps_per_epoch": 10, "total_epoch": 5}}}
     with pytest.raises(ValueError, match="unknown key 'total_epoch' \\(did you mean 'total_epochs'\\?\\)"):
-        autowu_params(config)
+        resolve(config)
     with pytest.raises(ValueError, match="total_epochs"):
-        autowu_params({"scheduler": {"type": "AutoWU", "params": {"steps_per_epoch": 10}}})
-    assert autowu_params({"scheduler": {"type": "WarmupLR", "params": {}}}) is None
-    params = autowu_params({"scheduler": {"type": "AutoWU", "params": {"immediate_cooldown": True}}},
-                           steps_per_epoch=7, total_epochs=3)
-    assert params == {"immediate_cooldown": True, "steps_per_epoch": 7, "total_epochs": 3}
+        resolve({"scheduler": {"type": "AutoWU", "params": {"steps_per_epoch": 10}}}).autowu_arguments()
+    assert resolve({"scheduler": {"type": "WarmupLR", "params": {}}}).autowu is None
+    resolved = resolve({"scheduler": {"type": "AutoWU", "params": {"immediate_cooldown": True}}},
+                       steps_per_epoch=7, total_epochs=3)
+    assert resolved.autowu.immediate_cooldown and (resolved.steps_per_epoch, resolved.total_epochs) == (7, 3)
     with pytest.raises(FileNotFoundError, match="no_such.json"):
         load_config(tmp_path / "no_such.json")
     bad = tmp_path / "bad.json"

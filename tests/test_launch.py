@@ -4,8 +4,9 @@ import json
 import pytest
 import torch
 
-from autowu.run_config import RunSettings, resolve_batch, split_config
-from autowu.training import build_model
+from autowu.ds_config import resolve
+from autowu.launcher.run_config import RunSettings, split_config
+from autowu.launcher.training import build_model
 from conftest import REPO
 
 PAPER_CONFIGS = ["resnet50_4k", "resnet50_16k", "efficientnet_b0_4k", "efficientnet_b0_16k"]
@@ -27,16 +28,16 @@ def test_the_papers_settings(name):
     assert run.model == ("efficientnet_b0" if effnet else "resnet50")
     assert (run.label_smoothing > 0) == effnet and run.sync_bn == effnet
     # 16 GPUs x 256 = 4K: no accumulation at 4K, 4 steps of it at 16K; 8 GPUs accumulate twice as much.
-    assert resolve_batch(dict(ds_config), 16, name) == global_batch // 4096
-    assert resolve_batch(dict(ds_config), 8, name) == 2 * global_batch // 4096
+    assert resolve(ds_config, world_size=16).accumulation == global_batch // 4096
+    assert resolve(ds_config, world_size=8).accumulation == 2 * global_batch // 4096
 
 
 def test_batch_sizes_that_cannot_be_reached_are_one_clear_error():
     ds_config, _ = split_config(str(REPO / "ds_configs" / "resnet50_4k.json"))
     with pytest.raises(ValueError, match="train_batch_size 4096 is not a multiple of .* 256 x 3 ranks"):
-        resolve_batch(dict(ds_config), 3, "resnet50_4k.json")
+        resolve(ds_config, world_size=3)
     with pytest.raises(ValueError, match="gradient_accumulation_steps 3 disagrees"):
-        resolve_batch({**ds_config, "gradient_accumulation_steps": 3}, 16, "resnet50_4k.json")
+        resolve({**ds_config, "gradient_accumulation_steps": 3}, world_size=16)
 
 
 def test_unknown_keys_and_models_are_refused(tmp_path):
@@ -80,8 +81,13 @@ def test_each_setting_has_one_owner(tmp_path):
     """The four settings that used to fall through: each is now set in one place and refused elsewhere."""
     import argparse
 
-    from autowu.deepspeed import autowu_params
     from autowu.gp import GPTestSettings
+
+    def autowu_params(config, **given):
+        resolved = resolve(config, **given)
+        return {"steps_per_epoch": resolved.steps_per_epoch, "total_epochs": resolved.total_epochs,
+                **resolved.autowu.as_dict(), "gp_settings": resolved.autowu.gp_settings}
+
     from autowu.settings import add_cli_overrides, cli_overrides
     block = {"scheduler": {"type": "AutoWU", "params": {"steps_per_epoch": 30, "total_epochs": 5}}}
     # A step count in the scheduler block that disagrees with the data is refused, not silently overridden.
@@ -120,7 +126,7 @@ def test_misspelt_and_mistyped_settings_are_refused_with_the_nearest_name(tmp_pa
     misspelt.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="unknown key 'zero_optimisation' \\(did you mean 'zero_optimization'\\?\\) "
                                          "\\(DeepSpeed .* would ignore it without a word\\)"):
-        split_config(str(misspelt))
+        resolve(split_config(str(misspelt))[0])
     with pytest.raises(ValueError, match="train.epochs: expected an integer, got '30'"):
         RunSettings.from_dict({"epochs": "30"}, "x.json")
     with pytest.raises(ValueError, match="train.scale: expected a list of 2 numbers"):
@@ -128,7 +134,8 @@ def test_misspelt_and_mistyped_settings_are_refused_with_the_nearest_name(tmp_pa
         DataConfig.from_dict({"train": {"scale": [0.1]}}, "d.json")
     # Every shipped config passes the same checks.
     for path in (REPO / "ds_configs").glob("*.json"):
-        split_config(str(path))
+        ds_config, run = split_config(str(path))
+        resolve(ds_config, total_epochs=run.epochs, seed=run.seed, world_size=2 if "cpu" in path.name else 16)
 
 
 @pytest.mark.parametrize("name", ["cpu_digits.json", "resnet50_4k.json", "efficientnet_b0_16k.json"])
@@ -136,7 +143,7 @@ def test_the_rerun_config_is_the_same_recipe_at_autowus_peak_with_a_fixed_warmup
     """What the launcher writes after AutoWU switched (warmup_cosine.json): every key of the run's config as it
     was except the scheduler (DeepSpeed's WarmupCosineLR, linear warmup over the "auto" 5%, cosine to 0) and the
     optimizer's LR (the peak); the launcher's own config checks accept it and fill in its step counts."""
-    from autowu.run_config import resolve_schedule_steps, warmup_cosine_rerun
+    from autowu.launcher.run_config import warmup_cosine_rerun
     original = json.loads((REPO / "ds_configs" / name).read_text())
     rerun = warmup_cosine_rerun(original, 0.0123)
     assert original == json.loads((REPO / "ds_configs" / name).read_text())  # not changed in place
@@ -149,7 +156,7 @@ def test_the_rerun_config_is_the_same_recipe_at_autowus_peak_with_a_fixed_warmup
     path.write_text(json.dumps(rerun))
     ds_config, run = split_config(str(path))
     assert run == RunSettings.from_dict(original["train"], source=name)
-    resolve_schedule_steps(ds_config, 1000, str(path))
+    ds_config = resolve(ds_config, total_epochs=10).with_steps_per_epoch(100).deepspeed
     assert ds_config["scheduler"]["params"] == {"total_num_steps": 1000, "warmup_num_steps": 50,
                                                 "warmup_min_ratio": 0.0, "cos_min_ratio": 0.0, "warmup_type": "linear"}
     with pytest.raises(ValueError, match="peak LR > 0"):

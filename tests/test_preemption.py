@@ -1,4 +1,4 @@
-"""autowu.preemption.StopRequests in a real process with real signals: a relayed repeat is the same request, a
+"""autowu.launcher.preemption.StopRequests in a real process with real signals: a relayed repeat is the same request, a
 later signal or a checkpoint that never comes ends the process at once, with 128 + the signal and the clean-up."""
 import subprocess
 import sys
@@ -7,9 +7,10 @@ from conftest import REPO
 
 SCRIPT = r"""
 import os, signal, sys, time
-from autowu.preemption import StopRequests
-stop = StopRequests(check_every=1, timeout_s=float(sys.argv[1]), relay_window_s=0.5,
-                    on_exit=lambda: print("cleaned up", flush=True))
+from autowu.launcher.preemption import StopRequests
+from autowu.launcher.processes import at_exit
+at_exit(lambda: print("cleaned up", flush=True))
+stop = StopRequests(check_every=1, timeout_s=float(sys.argv[1]), relay_window_s=0.5)
 os.kill(os.getpid(), signal.SIGTERM)
 os.kill(os.getpid(), signal.SIGTERM)      # DeepSpeed's launcher relaying the same request
 time.sleep(0.1)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from autowu.deepspeed import autowu_params
+from autowu.ds_config import resolve
 from conftest import REPO, run_deepspeed
 
 SCRIPTS = REPO / "tests" / "ds_scripts"
@@ -20,7 +20,8 @@ def launch(script, args, tmp_path, ranks):
 
 def test_step_counts_from_the_json_or_a_framework():
     def params(**given):
-        return autowu_params({"scheduler": {"type": "AutoWU", "params": given}})
+        resolved = resolve({"scheduler": {"type": "AutoWU", "params": given}})
+        return {k: v for k, v in resolved.autowu_arguments().items() if k != "options"}
 
     assert params(steps_per_epoch=10, total_epochs=4) == {"steps_per_epoch": 10, "total_epochs": 4}
     # What Accelerate and HF's Trainer write for "auto": the run's optimizer steps.
@@ -32,17 +33,17 @@ def test_step_counts_from_the_json_or_a_framework():
         params(steps_per_epoch=10, total_num_steps=45)
     with pytest.raises(ValueError, match="total_num_steps 40 needs steps_per_epoch"):
         params(total_num_steps=40)
-    with pytest.raises(ValueError, match=r"params \['total_num_steps'\] still say \"auto\""):
+    with pytest.raises(ValueError, match=r"params: \['total_num_steps'\] still say \"auto\""):
         params(steps_per_epoch=10, total_num_steps="auto")
-    with pytest.raises(ValueError, match="must be a positive whole number of optimizer steps"):
+    with pytest.raises(ValueError, match="total_num_steps: expected a positive whole number, got 40.0"):
         params(steps_per_epoch=10, total_num_steps=40.0)
     with pytest.raises(ValueError, match="needs total_epochs"):
         params(steps_per_epoch=10)
     # From autowu.deepspeed.initialize's arguments: the same rules against the JSON.
     block = {"scheduler": {"type": "AutoWU", "params": {"total_num_steps": 40}}}
-    assert autowu_params(block, steps_per_epoch=10)["total_epochs"] == 4
+    assert resolve(block, steps_per_epoch=10).total_epochs == 4
     with pytest.raises(ValueError, match="is 4 epochs of 10 steps, but total_epochs is 3"):
-        autowu_params(block, steps_per_epoch=10, total_epochs=3)
+        resolve(block, steps_per_epoch=10, total_epochs=3)
 
 
 MOVED_SEAMS = {
@@ -70,7 +71,7 @@ def test_a_deepspeed_that_moved_the_seam_fails_at_import(seam, tmp_path):
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: autowu.deepspeed cannot register AutoWU and AdamP with DeepSpeed 0.19")
-    assert words in last and "autowu/engine_seam.py" in last
+    assert words in last and "autowu/deepspeed/seam.py" in last
 
 
 @pytest.mark.slow

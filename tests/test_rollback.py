@@ -13,7 +13,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from autowu import AutoWU
-from autowu.deepspeed import autowu_params, refuse_unsupported
+from autowu.ds_config import resolve
 from autowu.rollback import SwitchRollback
 
 from conftest import REPO
@@ -73,7 +73,7 @@ def test_the_switch_puts_back_the_state_of_the_last_test_at_or_below_the_peak():
         else:
             taken[step] = (record["lr"], state_of(model, optimizer))
 
-    train(model, optimizer, scheduler, stop=scheduler.max_warmup_steps + 1, on_test=on_test)
+    train(model, optimizer, scheduler, stop=scheduler.schedule.max_warmup_steps + 1, on_test=on_test)
     assert scheduler.switch_step is not None
     record = at_switch["record"]
     below = [step for step, (lr, _) in taken.items() if lr <= scheduler.peak_lr]
@@ -101,7 +101,7 @@ def test_a_run_resumed_mid_warmup_rolls_back_and_ends_exactly_as_one_not_stopped
     model, optimizer, scheduler = build(rollback=True)
     stop = whole.switch_step - 5     # snapshots held, the switch still to come
     train(model, optimizer, scheduler, stop=stop)
-    assert scheduler._rollback.snapshots
+    assert scheduler.switch_rollback.snapshots
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict()}, buffer)
@@ -138,7 +138,7 @@ def test_rollback_is_refused_where_it_cannot_do_what_it_says():
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([parameter], lr=0.1)
     # On in the default mode (with or without model=: its buffers go back only if given), off in the paper's.
-    assert AutoWU(optimizer, 10, 5).rollback and not AutoWU(optimizer, 10, 5, mode="paper").rollback
+    assert AutoWU(optimizer, 10, 5).options.rollback and not AutoWU(optimizer, 10, 5, mode="paper").options.rollback
     for kwargs in ({"rollback": False}, {"mode": "paper"}):
         with pytest.raises(ValueError, match="only by rollback"):
             AutoWU(optimizer, 10, 5, model=torch.nn.Linear(1, 1), **kwargs)
@@ -146,7 +146,7 @@ def test_rollback_is_refused_where_it_cannot_do_what_it_says():
         AutoWU(optimizer, 10, 5, model=torch.nn.Linear(1, 1), rollback_keep=0)
     counts = {"steps_per_epoch": 10, "total_epochs": 5}
     config = {"scheduler": {"type": "AutoWU", "params": {**counts, "rollback": True}}}
-    assert autowu_params(config)["rollback"] is True   # under DeepSpeed: the engine's module (EngineRollback)
+    assert resolve(config).autowu.rollback is True   # under DeepSpeed: the engine's module (EngineRollback)
     # The mode's default, or asked for: what the AutoWU built from the config keeps (attach then puts the engine's
     # rollback in its place, or, on an engine that cannot roll back, turns it off with a warning: the fp16 engine
     # without ZeRO of ds_scripts/rollback_engine.py).
@@ -154,7 +154,7 @@ def test_rollback_is_refused_where_it_cannot_do_what_it_says():
                                (1, {"rollback": False}, None),
                                (2, {"rollback": True, "rollback_keep": 3}, 3), (0, {}, 6)):
         config = {"zero_optimization": {"stage": zero}, "scheduler": {"type": "AutoWU", "params": params}}
-        rollback = AutoWU(optimizer, **autowu_params(config, **counts))._rollback
+        rollback = AutoWU(optimizer, **resolve(config, **counts).autowu_arguments()).switch_rollback
         assert (rollback.keep if rollback is not None else None) == keep
     for params, match in (({"model": "resnet50"}, "unknown key 'model'"),
                           ({"rollback": False, "rollback_keep": 3}, "only where the switch rolls back"),
@@ -162,7 +162,7 @@ def test_rollback_is_refused_where_it_cannot_do_what_it_says():
                           ({"rollback": True, "rollback_keep": 0}, "positive integer")):
         config["scheduler"]["params"] = {**counts, **params}
         with pytest.raises(ValueError, match=match):
-            autowu_params(config)
+            resolve(config)
     # Where the master weights are not what the client optimizer steps: refused before any engine is built.
     for extra, where in (({"zero_optimization": {"stage": 3}}, "ZeRO stage 3"),
                          ({"fp16": {"enabled": True}}, "fp16 without ZeRO"),
@@ -170,7 +170,7 @@ def test_rollback_is_refused_where_it_cannot_do_what_it_says():
         config = {"train_batch_size": 8, "scheduler": {"type": "AutoWU", "params": {**counts, "rollback": True}},
                   **extra}
         with pytest.raises(ValueError, match=f"rollback with {where} is not supported"):
-            refuse_unsupported(config)
+            resolve(config)
 
 
 @pytest.mark.slow

@@ -25,9 +25,9 @@ def make(groups_lrs=(0.1,), **kwargs):
 
 
 def test_warmup_is_the_papers_exponential_then_linear():
-    assert make().max_warmup_steps == STEPS_PER_EPOCH * EPOCHS // 5  # the default ramps over a fifth
+    assert make().schedule.max_warmup_steps == STEPS_PER_EPOCH * EPOCHS // 5  # the default ramps over a fifth
     sched = make(mode="paper")
-    warmup_steps = sched.max_warmup_steps
+    warmup_steps = sched.schedule.max_warmup_steps
     assert warmup_steps == STEPS_PER_EPOCH * EPOCHS // 2
     seen = []
     for _ in range(10):
@@ -37,7 +37,7 @@ def test_warmup_is_the_papers_exponential_then_linear():
     np.testing.assert_allclose(seen, expected, rtol=1e-12)
     assert sched.optimizer.param_groups[0]["lr"] == sched.get_last_lr()[0]
     linear = make(warmup_type="linear", mode="paper")
-    assert linear.warmup_lr(warmup_steps / 2) == pytest.approx(1e-5 + (1.0 - 1e-5) / 2)
+    assert linear.schedule.warmup_lr(warmup_steps / 2) == pytest.approx(1e-5 + (1.0 - 1e-5) / 2)
 
 
 def test_param_groups_keep_their_ratios():
@@ -64,32 +64,32 @@ def test_switch_lands_near_the_known_optimum_and_never_before_it(name, mode):
     sched = make(immediate_cooldown=True, mode=mode)
     run_scheduler(sched, curve, seed=1)
     best = curve.best_lr()
-    assert sched.switch_step is not None and sched.switch_step <= sched.max_warmup_steps
+    assert sched.switch_step is not None and sched.switch_step <= sched.schedule.max_warmup_steps
     # Never before the optimum: the warmup had already passed the best LR when it switched.
-    assert sched.warmup_lr_at(sched.switch_step - 1) > best
+    assert sched.schedule.warmup_lr_at(sched.switch_step - 1, sched.rule) > best
     assert best / 2 < sched.peak_lr < best * 2, (sched.peak_lr, best)
     switched = [r for r in sched.history if r["switched"]]
     assert len(switched) == 1 and not switched[0]["at_cap"]
-    assert [r["passed"] for r in sched.history[-sched.patience:]] == [True] * sched.patience
+    assert [r["passed"] for r in sched.history[-sched.options.patience:]] == [True] * sched.options.patience
 
 
 def test_the_lr_holds_while_a_pass_is_confirmed_and_the_ramp_resumes_after_a_failure():
     sched = make(immediate_cooldown=True)
     lrs = run_scheduler(sched, CURVES["default"], seed=1)
-    for start, end in sched.holds:
+    for start, end in sched.rule.holds:
         assert len(set(lrs[start:end])) == 1  # held: no overshoot while confirming
         test = next(r for r in sched.history if r["step"] == start)
         assert test["passed"] and test["action"] == "hold"
     # The last hold ended in the switch; its LR is the LR at the first pass, not 1.78x per confirming epoch.
-    assert sched.holds and sched.holds[-1][1] == sched.switch_step
+    assert sched.rule.holds and sched.rule.holds[-1][1] == sched.switch_step
     paper = make(immediate_cooldown=True, mode="paper")
     paper_lrs = run_scheduler(paper, CURVES["default"], seed=1)
     assert max(lrs) < max(paper_lrs)
     # A hold that a failing test ends resumes the ramp where it stopped.
     rule_test = make(immediate_cooldown=True)
-    rule_test.holds = [[100, 150]]
-    assert rule_test.warmup_lr_at(170) == rule_test.warmup_lr(120)
-    assert rule_test.warmup_lr_at(130) == rule_test.warmup_lr(100)
+    rule_test.rule.holds = [[100, 150]]
+    assert rule_test.schedule.warmup_lr_at(170, rule_test.rule) == rule_test.schedule.warmup_lr(120)
+    assert rule_test.schedule.warmup_lr_at(130, rule_test.rule) == rule_test.schedule.warmup_lr(100)
 
 
 def test_tests_come_often_enough_on_a_fast_ramp():
@@ -218,7 +218,7 @@ def test_no_minimum_runs_to_the_cap_and_takes_the_gp_argmin():
     curve = LossCurve(blowup=0.0, learn_at=-1.5)  # still falling at max_lr
     sched = make(immediate_cooldown=True)
     run_scheduler(sched, curve, seed=2)
-    assert sched.switch_step == sched.max_warmup_steps
+    assert sched.switch_step == sched.schedule.max_warmup_steps
     last = sched.history[-1]
     assert last["at_cap"] and last["switched"]
     assert sched.peak_lr == last["argmin_lr"]
@@ -273,7 +273,7 @@ def test_cooldowns_reach_zero_at_the_last_step():
 
     delayed = make(immediate_cooldown=False, cooldown_fraction=0.2)
     lrs = run_scheduler(delayed, CURVES["default"], seed=5)
-    start = delayed.cooldown_start_step
+    start = delayed.schedule.cooldown_start_step
     assert start == int(0.8 * delayed.total_steps)
     assert set(lrs[delayed.switch_step:start + 1]) == {delayed.peak_lr}
     assert lrs[start + 1] < delayed.peak_lr and delayed.get_last_lr() == [0.0]
@@ -306,8 +306,8 @@ def test_resume_gives_the_identical_lr_sequence(mode, cut_epochs, spike_rate):
     whole = make(immediate_cooldown=True, mode=mode)
     whole_lrs = run_scheduler(whole, curve, seed=6, spike_rate=spike_rate)
     if cut_epochs == "in_hold":  # while a pass is being confirmed
-        assert whole.holds
-        cut = whole.holds[-1][0] + 7
+        assert whole.rule.holds
+        cut = whole.rule.holds[-1][0] + 7
     else:
         cut = int(cut_epochs * STEPS_PER_EPOCH)
     first = make(immediate_cooldown=True, mode=mode)
@@ -330,7 +330,7 @@ def test_checkpoints_in_earlier_layouts_resume_identically(layout):
     curve = CURVES["default"]
     whole = make(immediate_cooldown=True)
     whole_lrs = run_scheduler(whole, curve, seed=6)
-    cut = whole.holds[-1][0] + 7
+    cut = whole.rule.holds[-1][0] + 7
     first = make(immediate_cooldown=True)
     lrs = run_scheduler(first, curve, seed=6, stop_at=cut)
     state = _roundtrip(first.state_dict())

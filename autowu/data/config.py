@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple, Type, TypeVar
 
+from ..errors import ConfigError
 from ..jsonfile import read_json
 from ..settings import from_mapping, unknown_keys_error
 
@@ -77,7 +78,7 @@ class DataConfig:
     @classmethod
     def from_dict(cls, raw: Dict[str, Any], source: str = "config") -> "DataConfig":
         if not isinstance(raw, dict):
-            raise ValueError(f"{source}: a data config is a JSON object with write, train and val sections")
+            raise ConfigError(f"{source}: a data config is a JSON object with write, train and val sections")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(raw) - names - {"description"}
         if unknown:
@@ -96,16 +97,16 @@ class DataConfig:
 
 def _build(section_cls: Type[T], values: Dict[str, Any], where: str) -> T:
     if section_cls is TrainLoaderConfig and isinstance(values, dict) and "batch_size" in values:
-        raise ValueError(f"{where}: batch_size is not a data setting: the per-rank batch is the DeepSpeed "
+        raise ConfigError(f"{where}: batch_size is not a data setting: the per-rank batch is the DeepSpeed "
                          "config's train_micro_batch_size_per_gpu; remove it here")
     return from_mapping(section_cls, values, where)
 
 
 def _check_choice(name, value, allowed):
     if value not in allowed:
-        raise ValueError(f"{name}: invalid value {value!r}; allowed: {', '.join(map(repr, allowed))}")
+        raise ConfigError(f"{name}: invalid value {value!r}; allowed: {', '.join(map(repr, allowed))}")
 
 
 def _check_range(name, value, low, high):
     if not low <= value <= high:
-        raise ValueError(f"{name}: {value!r} is outside [{low}, {high}]")
+        raise ConfigError(f"{name}: {value!r} is outside [{low}, {high}]")

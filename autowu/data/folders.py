@@ -8,6 +8,7 @@ crash hours in.
 from __future__ import annotations
 
 import os
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from multiprocessing import Pool
@@ -16,6 +17,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from ..errors import MissingFileError, UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _FORMAT_OF_EXTENSION = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".webp": "WEBP",
@@ -40,10 +43,10 @@ class FolderScan:
 def list_image_folder(root: str) -> Tuple[List[str], List[Tuple[str, int]]]:
     """Classes (sorted folder names, as ImageFolder) and (path, class index) of every image file."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder not found: {root} (expected <split>/<class>/<image> layout)")
+        raise MissingFileError(f"image folder not found: {root} (expected <split>/<class>/<image> layout)")
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
     if not classes:
-        raise ValueError(f"image folder {root} has no class folders (expected {root}/<class>/<image>)")
+        raise UserError(f"image folder {root} has no class folders (expected {root}/<class>/<image>)")
     samples = []
     for index, name in enumerate(classes):
         for dirpath, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
@@ -51,7 +54,7 @@ def list_image_folder(root: str) -> Tuple[List[str], List[Tuple[str, int]]]:
                 if fname.lower().endswith(IMAGE_EXTENSIONS):
                     samples.append((os.path.join(dirpath, fname), index))
     if not samples:
-        raise ValueError(f"image folder {root} has {len(classes)} class folders but no images "
+        raise UserError(f"image folder {root} has {len(classes)} class folders but no images "
                          f"(extensions: {', '.join(IMAGE_EXTENSIONS)})")
     return classes, samples
 
@@ -78,6 +81,11 @@ def open_rgb(path: str, draft: bool = False) -> Tuple[Image.Image, List[str]]:
     return rgb, notes
 
 
+def _default_signals() -> None:
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def _check_one(path: str) -> Tuple[Optional[str], List[str]]:
     try:
         _, notes = open_rgb(path, draft=True)
@@ -94,7 +102,9 @@ def scan_image_folder(root: str, num_workers: int = 0, progress: bool = True) ->
     bar = tqdm(total=len(paths), desc=f"checking {os.path.basename(os.path.normpath(root))}",
                unit="img", disable=not progress)
     if workers > 1 and len(paths) > 200:
-        with Pool(workers) as pool:
+        # The workers take the default signal actions: a handler inherited from the parent (a launcher's stop
+        # handler) would keep them alive through the SIGTERM that ends the pool.
+        with Pool(workers, initializer=_default_signals) as pool:
             checks = []
             for item in pool.imap(_check_one, paths, chunksize=64):
                 checks.append(item)
@@ -113,7 +123,7 @@ def scan_image_folder(root: str, num_workers: int = 0, progress: bool = True) ->
             usable.append((path, label))
             converted.update(notes)
     if not usable:
-        raise ValueError(f"image folder {root}: none of its {len(samples)} images could be decoded")
+        raise UserError(f"image folder {root}: none of its {len(samples)} images could be decoded")
     return FolderScan(root=root, classes=classes, samples=usable, skipped=skipped, converted=dict(converted))
 
 

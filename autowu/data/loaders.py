@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .. import environment
+from ..errors import ConfigError, MissingFileError, UserError
 from .config import TrainLoaderConfig, ValLoaderConfig
 from .decoders import SeededRandomResizedCropDecoder
 from .lighting import FlipLightingNormalize, LightingBias, SeededHorizontalFlip
@@ -31,17 +33,17 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225]) * 255
 def beton_info(path: str) -> dict:
     """Number of samples, fields and largest image side of a beton; one clear error if it is not usable."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"beton not found: {path} (write one with: python launch/write_betons.py "
+        raise MissingFileError(f"beton not found: {path} (write one with: python launch/write_betons.py "
                                 f"--data_root <folder with train/ and val/> --out_dir <dir>)")
     from ffcv.reader import Reader
     try:
         reader = Reader(path)
     except Exception as err:
-        raise ValueError(f"{path} is not a readable FFCV beton: {type(err).__name__}: {err}") from None
+        raise MissingFileError(f"{path} is not a readable FFCV beton: {type(err).__name__}: {err}") from None
     names = list(reader.field_names)
     missing = {"image", "label"} - set(names)
     if missing:
-        raise ValueError(f"beton {path} lacks fields {sorted(missing)} (has {names}); write it with "
+        raise UserError(f"beton {path} lacks fields {sorted(missing)} (has {names}); write it with "
                          "launch/write_betons.py")
     image_meta = reader.metadata[f"f{names.index('image')}"]
     return {"num_samples": int(reader.num_samples), "fields": names,
@@ -61,12 +63,11 @@ def loader_workers(requested: Optional[int], local_world_size: Optional[int] = N
     limit = numba.config.NUMBA_NUM_THREADS
     if requested is not None:
         if not 1 <= requested <= limit:
-            raise ValueError(f"num_workers {requested}: FFCV sets that many numba threads, and numba allows "
+            raise ConfigError(f"num_workers {requested}: FFCV sets that many numba threads, and numba allows "
                              f"1 to {limit} here (NUMBA_NUM_THREADS); lower it or leave it unset (automatic)")
         return requested
-    local = local_world_size or int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(limit, cores // max(1, local)))
+    local = local_world_size or environment.local_world_size()
+    return max(1, min(limit, environment.usable_cores() // max(1, local)))
 
 
 def warn_if_page_cache_too_small(path: str, os_cache: bool, ranks_on_node: int = 1) -> Optional[str]:
@@ -99,7 +100,7 @@ def _distributed_world(distributed: bool) -> int:
 def _check_batches(path: str, info: dict, batch_size: int, world: int, drop_last: bool) -> None:
     per_rank = info["num_samples"] // world
     if drop_last and per_rank < batch_size:
-        raise ValueError(f"beton {path} has {info['num_samples']} images: {per_rank} per rank on {world} ranks, "
+        raise UserError(f"beton {path} has {info['num_samples']} images: {per_rank} per rank on {world} ranks, "
                          f"fewer than one batch of {batch_size}; lower the batch size or use more data")
 
 
@@ -223,10 +224,10 @@ def train_loader(path: str, config: TrainLoaderConfig, batch_size: int, device="
     info = beton_info(path)
     world = _distributed_world(distributed)
     if int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"train loader: batch_size must be a positive integer, got {batch_size!r}")
+        raise ConfigError(f"train loader: batch_size must be a positive integer, got {batch_size!r}")
     _check_batches(path, info, batch_size, world, config.drop_last)
     if config.order == "quasi_random" and distributed:
-        raise ValueError("train.order quasi_random does not work with distributed loading in FFCV 1.0.2; "
+        raise ConfigError("train.order quasi_random does not work with distributed loading in FFCV 1.0.2; "
                          "use random")
     if lighting_on_batch is None:
         lighting_on_batch = device.type == "cuda" or dtype not in (None, np.float32)

@@ -5,6 +5,8 @@ import json
 import os
 from typing import Dict, Optional
 
+from ..errors import UserError
+
 from .config import WriteConfig
 from .folders import FolderScan, RGBImageDataset, scan_image_folder
 
@@ -41,7 +43,7 @@ def write_betons(root: str, out_dir: str, config: Optional[WriteConfig] = None, 
     class_lists = {split: scan.classes for split, scan in scans.items()}
     if len({tuple(c) for c in class_lists.values()}) > 1:
         counts = ", ".join(f"{s}: {len(c)}" for s, c in class_lists.items())
-        raise ValueError(f"the splits of {root} have different class folders ({counts}); labels would disagree")
+        raise UserError(f"the splits of {root} have different class folders ({counts}); labels would disagree")
     report = {"root": os.path.abspath(root), "config": config.__dict__, "splits": {}}
     for split, scan in scans.items():
         beton = os.path.join(out_dir, f"{split}.beton")

@@ -14,7 +14,8 @@ import os
 import torch
 from sklearn.datasets import load_digits
 
-import autowu.deepspeed as autowu_ds  # registers "AutoWU" and "AdamP" with DeepSpeed
+import autowu.deepspeed as autowu_ds  # noqa: F401  (registers "AutoWU" and "AdamP" with DeepSpeed)
+from autowu.launcher.processes import end_process  # registers "AutoWU" and "AdamP" with DeepSpeed
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, DummyOptim, DummyScheduler, InitProcessGroupKwargs
 
@@ -88,4 +89,4 @@ result.update(
     params=[p.detach().double().sum().item() for p in engine.module.parameters()])
 with open(os.path.join(args.out, f"{args.phase}_rank{rank}.json"), "w") as f:
     json.dump(result, f)
-autowu_ds.end_process()
+end_process()

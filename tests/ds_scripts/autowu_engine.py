@@ -20,6 +20,7 @@ import deepspeed
 from deepspeed.accelerator import get_accelerator
 
 import autowu.deepspeed as autowu_ds
+from autowu.launcher.processes import end_process
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--mode", choices=["resume", "fp16", "diverge", "builtin"], required=True)
@@ -144,4 +145,4 @@ else:
 with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
     json.dump(result, f)
 print(f"rank {rank} done", flush=True)
-autowu_ds.end_process()  # without the interpreter's teardown, which now and then aborts a rank
+end_process()  # without the interpreter's teardown, which now and then aborts a rank

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import deepspeed
 
 import autowu.deepspeed as autowu_ds
+from autowu.launcher.processes import end_process
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
@@ -59,4 +60,4 @@ for name, config in {
 if rank == 0:
     with open(args.out, "w") as f:
         json.dump(results, f)
-autowu_ds.end_process()  # without the interpreter's teardown, which now and then aborts a rank
+end_process()  # without the interpreter's teardown, which now and then aborts a rank

@@ -21,6 +21,7 @@ import deepspeed
 from deepspeed.accelerator import get_accelerator
 
 from autowu import AutoWU  # the core package: DeepSpeed does not know AutoWU yet
+from autowu.launcher.processes import end_process
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--mode", choices=["plain", "attach"], required=True)
@@ -144,4 +145,4 @@ else:
 
 with open(os.path.join(args.out, f"{args.mode}_rank{rank}.json"), "w") as f:
     json.dump(result, f)
-autowu_ds.end_process()
+end_process()

@@ -22,6 +22,7 @@ import deepspeed
 from deepspeed.accelerator import get_accelerator
 
 import autowu.deepspeed as autowu_ds
+from autowu.launcher.processes import end_process
 from autowu.rollback import ROLLBACK_FILE, EngineRollback
 
 parser = argparse.ArgumentParser()
@@ -66,7 +67,7 @@ def build(seed, fp16=False):
         for buffer in engine.module.buffers():
             if buffer.is_floating_point():
                 buffer.data = buffer.data.half()
-    assert isinstance(scheduler._rollback, EngineRollback)
+    assert isinstance(scheduler.switch_rollback, EngineRollback)
     return engine, scheduler
 
 
@@ -131,7 +132,7 @@ ckpt = os.path.join(args.out, "ckpt")
 cut = result["whole"]["switch_step"] - 5   # snapshots held, the switch still to come
 engine, scheduler = build(seed=0)
 train(engine, scheduler, cut)
-result["snapshots_at_cut"] = [s["step"] for s in scheduler._rollback.snapshots]
+result["snapshots_at_cut"] = [s["step"] for s in scheduler.switch_rollback.snapshots]
 engine.save_checkpoint(ckpt, tag="cut")
 folder = os.path.join(ckpt, "cut")
 result["files"] = sorted(os.listdir(folder))
@@ -139,8 +140,8 @@ states = torch.load(os.path.join(folder, "mp_rank_00_model_states.pt"), map_loca
 result["scheduler_state_rollback"] = states["lr_scheduler"]["rollback"]
 engine, scheduler = build(seed=7)   # other initial weights: all overwritten by the load
 engine.load_checkpoint(ckpt, tag="cut")
-result["snapshots_loaded"] = [s["step"] for s in scheduler._rollback.snapshots]
-rollback = scheduler._rollback
+result["snapshots_loaded"] = [s["step"] for s in scheduler.switch_rollback.snapshots]
+rollback = scheduler.switch_rollback
 
 # The failures, on this engine: the files of another number of ranks, then a missing file.
 expected = dict(rollback.expected)
@@ -182,10 +183,10 @@ with warnings.catch_warnings(record=True) as caught:
         config={"train_micro_batch_size_per_gpu": MICRO_BATCH, "fp16": {"enabled": True},
                 "optimizer": {"type": "AdamW", "params": {"lr": 1.0, "torch_adam": True}},
                 "scheduler": {"type": "AutoWU", "params": {}}})
-result["fp16_no_zero"] = {"rollback": None if scheduler._rollback is None else type(scheduler._rollback).__name__,
+result["fp16_no_zero"] = {"rollback": None if scheduler.switch_rollback is None else type(scheduler.switch_rollback).__name__,
                           "warning": " ".join(str(w.message) for w in caught if w.category is RuntimeWarning)}
 
 with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
     json.dump(result, f)
 print(f"rank {rank} done", flush=True)
-autowu_ds.end_process()
+end_process()

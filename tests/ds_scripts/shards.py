@@ -6,7 +6,8 @@ import os
 import deepspeed
 import torch.distributed as dist
 
-import autowu.deepspeed as autowu_ds
+import autowu.deepspeed as autowu_ds  # noqa: F401  (registers "AutoWU" and "AdamP" with DeepSpeed)
+from autowu.launcher.processes import end_process
 from autowu.data import TrainLoaderConfig, ValLoaderConfig, train_loader, val_loader
 
 parser = argparse.ArgumentParser()
@@ -25,4 +26,4 @@ seen = {"train_epoch0": [int(v) for _, y in train for v in y],
         "val": [int(v) for _, y in val for v in y]}
 with open(os.path.join(out, f"shard{rank}.json"), "w") as f:
     json.dump(seen, f)
-autowu_ds.end_process()  # without the interpreter's teardown, which now and then aborts a rank
+end_process()  # without the interpreter's teardown, which now and then aborts a rank

@@ -12,8 +12,9 @@ import deepspeed
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
 import autowu.deepspeed as autowu_ds
-from autowu.checkpoints import Checkpoints
-from autowu.runlog import RunLog
+from autowu.launcher.processes import end_process
+from autowu.launcher.checkpoints import Checkpoints
+from autowu.launcher.runlog import RunLog
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--phase", choices=["save", "load"], required=True)
@@ -57,4 +58,4 @@ if rank == 0:
     torch.save({"params": dump, "adamp_steps": steps, "global_steps": engine.global_steps,
                 "autowu": {k: autowu_state[k] for k in ("last_step", "phase", "rule", "history", "losses")}},
                args.dump)
-autowu_ds.end_process()  # without the interpreter's teardown, which now and then aborts a rank
+end_process()  # without the interpreter's teardown, which now and then aborts a rank

@@ -18,6 +18,7 @@ import deepspeed
 from timm.optim import AdamP
 
 import autowu.deepspeed as autowu_ds
+from autowu.launcher.processes import end_process
 from autowu.adamp import ZeroAdamP
 from autowu.batchnorm import batchnorm_statistics, sync_batchnorm_statistics
 
@@ -153,4 +154,4 @@ result["timm_under_zero_saw"] = [list(p.shape) for p in timm_engine.optimizer.op
 with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
     json.dump(result, f)
 print(f"rank {rank} done", flush=True)
-autowu_ds.end_process()  # without the interpreter's teardown, which now and then aborts a rank
+end_process()  # without the interpreter's teardown, which now and then aborts a rank

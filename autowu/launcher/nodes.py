@@ -23,20 +23,14 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from ..environment import master_address, master_port, node_rank
+
 
 def collective_device() -> torch.device:
     """Where a small tensor for a collective must live: nccl takes CUDA tensors only (after set_device)."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def node_rank() -> int:
-    return int(os.environ.get("CROSS_RANK", os.environ.get("GROUP_RANK", "0")))
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 @dataclass
@@ -108,7 +102,7 @@ class PeerWatch:
 
     @staticmethod
     def _connect():
-        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+        return dist.TCPStore(master_address(), int(master_port()), is_master=False,
                              timeout=timedelta(seconds=10))
 
     def _beat(self):

@@ -11,12 +11,14 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .batchnorm import batchnorm_statistics, convert_sync_batchnorm
-from .data import DataConfig, beton_info, write_betons
-from .data.digits import build_digits_folder
-from .nodes import is_shared_path, local_rank
+from ..batchnorm import batchnorm_statistics, convert_sync_batchnorm
+from ..data import DataConfig, beton_info, write_betons
+from ..data.digits import build_digits_folder
+from ..environment import local_rank
+from ..errors import ConfigError
+from .nodes import is_shared_path
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def prepare_data(data_dir: Optional[str], run) -> Tuple[Dict[str, str], Dict[str, dict]]:
@@ -32,7 +34,7 @@ def prepare_data(data_dir: Optional[str], run) -> Tuple[Dict[str, str], Dict[str
             write_betons(folders, data_dir, DataConfig.from_json(os.path.join(REPO, run.data_config)).write)
         dist.barrier()
     elif not data_dir:
-        raise ValueError("--data_dir is required: a folder with train.beton and val.beton "
+        raise ConfigError("--data_dir is required: a folder with train.beton and val.beton "
                          "(write them with launch/write_betons.py)")
     paths = {split: os.path.join(data_dir, f"{split}.beton") for split in ("train", "val")}
     infos = {split: beton_info(path) for split, path in paths.items()}  # one clear error if missing
@@ -55,11 +57,11 @@ def build_model(run, num_classes: int, device: torch.device, distributed: bool) 
             raise
         import difflib
         close = difflib.get_close_matches(run.model, timm.list_models(), n=5, cutoff=0.6)
-        raise ValueError(f"unknown model {run.model!r} (timm)" + (f"; did you mean {', '.join(close)}?" if close else
+        raise ConfigError(f"unknown model {run.model!r} (timm)" + (f"; did you mean {', '.join(close)}?" if close else
                                                                   "; timm.list_models() lists them")) from None
     if run.sync_bn and distributed:
         if device.type != "cuda":
-            raise ValueError("train.sync_bn: torch's SyncBatchNorm runs on GPUs only; set it false for a CPU run "
+            raise ConfigError("train.sync_bn: torch's SyncBatchNorm runs on GPUs only; set it false for a CPU run "
                              "(each rank then normalises its own batch, and the running statistics are averaged "
                              "before every evaluation and checkpoint)")
         model = convert_sync_batchnorm(model)  # timm's: keeps BatchNormAct2d's activation
@@ -78,7 +80,7 @@ def check_batchnorm_statistics(engine, device: torch.device) -> torch.dtype:
     if half_statistics:
         # DeepSpeed before 0.19.2 (module.half()) or a "buffer_dtype" setting: SyncBatchNorm would count the
         # rank's 3.2M elements a channel in fp16 (inf, then NaN) and running statistics would lose precision.
-        raise ValueError(f"{len(half_statistics)} BatchNorm statistics are {half_statistics[0].dtype} after "
+        raise ConfigError(f"{len(half_statistics)} BatchNorm statistics are {half_statistics[0].dtype} after "
                          f"DeepSpeed's initialize (DeepSpeed {deepspeed.__version__}); they must stay fp32: use "
                          "DeepSpeed >= 0.19.2 and no buffer_dtype in the config")
     if dtype != torch.float32 and device.type == "cpu":
@@ -88,11 +90,11 @@ def check_batchnorm_statistics(engine, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def describe_recipe(engine, ds_config, device) -> Dict[str, object]:
+def describe_recipe(engine, device) -> Dict[str, object]:
     """What actually runs, read from the engine (not the config): for the log and run_config.json."""
     from timm.layers import SyncBatchNormAct
 
-    from .deepspeed import zero_stage
+    stage = engine.zero_optimization_stage()
     basic = getattr(engine.optimizer, "optimizer", engine.optimizer)
     modules = list(engine.module.modules())
     sync = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in modules)
@@ -102,15 +104,15 @@ def describe_recipe(engine, ds_config, device) -> Dict[str, object]:
     convs = [m.weight for m in modules if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1]
     channels_last = sum(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     scaler_skips = engine.fp16_enabled() and not getattr(engine.optimizer.loss_scaler, "raise_error_at_min_scale", True)
-    rollback = getattr(getattr(engine, "lr_scheduler", None), "_rollback", None)
+    rollback = getattr(getattr(engine, "lr_scheduler", None), "switch_rollback", None)
     return {"optimizer": f"{type(basic).__module__}.{type(basic).__name__}",
             "switch_rollback": (f"on: each rank's training state at up to {rollback.keep} GP tests kept in host "
                                 "memory, the last at or below the peak put back at the switch" if rollback is not None
                                 else "off"),
             "conv_weights": f"{channels_last} of {len(convs)} channels_last" + (
-                " (ZeRO binds them to NCHW views of its flat buffer)" if convs and zero_stage(ds_config)
+                " (ZeRO binds them to NCHW views of its flat buffer)" if convs and stage
                 and channels_last < len(convs) else ""),
-            "zero_stage": zero_stage(ds_config),
+            "zero_stage": stage,
             "precision": str(next(engine.module.parameters()).dtype).replace("torch.", ""),
             "batchnorm": norm, "device": device.type,
             "fp16_loss_scaler": ("dynamic, skips overflowing steps at its minimum scale instead of ending the run"

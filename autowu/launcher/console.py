@@ -1,7 +1,8 @@
 """The launcher's console: rank 0's lines a person reads, without the noise a user cannot act on.
 
-Only ``launch/train.py`` calls ``quiet_third_party`` (never the library on import), and ``--verbose`` skips it:
-DeepSpeed's own logs are one flag away. What it silences, by category and message:
+Only the launcher's entry points call ``quiet_third_party`` (``launch/train.py``, ``python -m autowu.launcher``;
+never the library on import), before DeepSpeed is imported, and ``--verbose`` skips it: DeepSpeed's own logs are
+one flag away. What it silences, by category and message:
 
 - torch's ``FutureWarning`` for ``all_gather_into_tensor`` (DeepSpeed's ZeRO calls it, once per rank per epoch)
   and for ``torch.jit.script`` (a dependency's import);
@@ -33,8 +34,12 @@ class _DropMessages(logging.Filter):
         return not any(m in text for m in self.messages)
 
 
-def quiet_third_party(cuda_available: bool) -> None:
-    """Call before importing deepspeed."""
+def quiet_third_party(argv=None) -> None:
+    """Call before importing deepspeed; does nothing when ``argv`` (``sys.argv``) has ``--verbose``."""
+    if "--verbose" in (sys.argv if argv is None else argv):
+        return
+    import torch
+    cuda_available = torch.cuda.is_available()
     for category, message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda_available else "cpu")

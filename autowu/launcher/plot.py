@@ -11,10 +11,12 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from ..errors import MissingFileError
+
 
 def read_log(path: str) -> Dict[str, List[dict]]:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no run log at {path} (launch/train.py writes log.jsonl in its run directory)")
+        raise MissingFileError(f"no run log at {path} (launch/train.py writes log.jsonl in its run directory)")
     records: Dict[str, List[dict]] = {}
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -24,7 +26,7 @@ def read_log(path: str) -> Dict[str, List[dict]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not a JSON line ({err})") from None
+                raise MissingFileError(f"{path}:{number}: not a JSON line ({err})") from None
             records.setdefault(record.get("kind", "unknown"), []).append(record)
     return records
 
@@ -38,7 +40,7 @@ def plot_run(run_dir: str, out_path: Optional[str] = None, title: Optional[str] 
     records = read_log(os.path.join(run_dir, "log.jsonl"))
     train = records.get("train", [])
     if not train:
-        raise ValueError(f"{run_dir}/log.jsonl has no training records yet")
+        raise MissingFileError(f"{run_dir}/log.jsonl has no training records yet")
     switch = records.get("autowu_switch", [None])[-1]
     tests = records.get("autowu_test", [])
     val = records.get("val", [])

@@ -10,10 +10,10 @@ callable. DeepSpeed's scheduler lookup by name (``deepspeed.runtime.lr_schedules
 but it builds the scheduler on the ZeRO wrapper with no engine in reach, so the loss hook could not be installed,
 and an optimizer name is looked up in ``torch.optim`` itself.
 
-Before the constructor runs, a config that names AutoWU or AdamP is checked as the launcher checks it and the
-two blocks become those client arguments (exactly what ``autowu.deepspeed.initialize`` did before this seam);
-after it, ZeRO's flat partitions are declared to AdamP and AutoWU's loss hook is installed (``attach``). A
-config that names neither passes through untouched.
+Before the constructor runs, a config that names AutoWU or AdamP is resolved (``autowu.ds_config.resolve``;
+a config that ``autowu.deepspeed.initialize`` or the launcher resolved already is recognised and not checked
+again) and the two blocks become those client arguments; after it, ZeRO's flat partitions are declared to AdamP
+and AutoWU's loss hook is installed (``attach``). A config that names neither passes through untouched.
 
 What the seam relies on is checked when it is installed, at ``import autowu.deepspeed``: a DeepSpeed release
 that moved it fails there, naming what moved, never silently at run time.
@@ -23,6 +23,11 @@ from __future__ import annotations
 import functools
 import inspect
 from typing import List
+
+from ..adamp import ZeroAdamP
+from ..ds_config import ResolvedConfig, refuse_client_objects, resolve, selects_adamp, selects_autowu
+from ..scheduler import AutoWU
+from .hook import attach, declare_zero_partitions
 
 
 # Arguments of DeepSpeedEngine.__init__ the seam reads or fills in.
@@ -81,7 +86,7 @@ def install() -> None:
     if problems:
         raise ImportError(f"autowu.deepspeed cannot register AutoWU and AdamP with DeepSpeed {deepspeed.__version__}: "
                           + "; ".join(problems) + ". autowu is tested with DeepSpeed 0.19 (setup.py's range); "
-                          "install that, or adapt autowu/engine_seam.py")
+                          "install that, or adapt autowu/deepspeed/seam.py")
     if getattr(DeepSpeedEngine.__init__, _INSTALLED, False):
         return
     original = DeepSpeedEngine.__init__
@@ -99,27 +104,26 @@ def install() -> None:
 
 
 def _before_init(arguments) -> None:
-    """A config naming AutoWU or AdamP: checked, and its blocks turned into the client optimizer and
+    """A config naming AutoWU or AdamP: resolved (once), and its blocks turned into the client optimizer and
     scheduler callable (``arguments`` is the constructor's bound arguments, amended in place)."""
-    from . import deepspeed as autowu_ds
-    from .adamp import ZeroAdamP
-    from .scheduler import AutoWU
-
     config = arguments.get("config_class")
     if config is None:  # an engine built by hand from a dict: DeepSpeed's own refusal stands
         return
     raw = config._param_dict
-    if not (autowu_ds.selects_autowu(raw) or autowu_ds.selects_adamp(raw)
-            or isinstance(arguments.get("lr_scheduler"), AutoWU)):
-        return  # not autowu's business
-    params, adamp = autowu_ds.refuse_unsupported(raw, arguments.get("optimizer"), arguments.get("lr_scheduler"))
-    if params is not None:
-        arguments["lr_scheduler"] = functools.partial(AutoWU, **params)  # called with the basic optimizer
-    if adamp is not None:
+    resolved = ResolvedConfig.of(raw)
+    if resolved is None:
+        if not (selects_autowu(raw) or selects_adamp(raw) or isinstance(arguments.get("lr_scheduler"), AutoWU)):
+            return  # not autowu's business
+        resolved = resolve(raw)
+    refuse_client_objects(resolved, arguments.get("optimizer"), arguments.get("lr_scheduler"))
+    if resolved.autowu is not None:
+        # called with the basic optimizer
+        arguments["lr_scheduler"] = functools.partial(AutoWU, **resolved.autowu_arguments())
+    if resolved.adamp is not None:
         parameters = arguments.get("model_parameters")
         if parameters is None:
             parameters = arguments["model"].parameters()
-        arguments["optimizer"] = ZeroAdamP(parameters, **adamp)
+        arguments["optimizer"] = ZeroAdamP(parameters, **resolved.adamp)
         arguments["model_parameters"] = None
         # Now a client optimizer: DeepSpeed must not build one from the block too, and asks this flag of any
         # client optimizer under ZeRO (this one is mapped onto ZeRO's partitions, and tested).
@@ -128,11 +132,7 @@ def _before_init(arguments) -> None:
 
 
 def _after_init(engine) -> None:
-    from . import deepspeed as autowu_ds
-    from .adamp import ZeroAdamP
-    from .scheduler import AutoWU
-
     if isinstance(getattr(engine, "lr_scheduler", None), AutoWU):
-        autowu_ds.attach(engine)  # the hook, the fp16 scaler, and AdamP's partitions
+        attach(engine)  # the hook, the fp16 scaler, and AdamP's partitions
     elif isinstance(getattr(engine, "basic_optimizer", None), ZeroAdamP):
-        autowu_ds._declare_zero_partitions(engine, engine.basic_optimizer)
+        declare_zero_partitions(engine, engine.basic_optimizer)

@@ -9,7 +9,11 @@ shell reports a process ended by it, so that a scheduler's requeue can tell "int
 DeepSpeed's launcher relays a signal it receives to its ranks as SIGTERM within milliseconds (and SLURM signals
 every process of a step): a repeat within ``relay_window_s`` of the first is the same request. A signal after that
 window, or no checkpoint within ``timeout_s`` of the first (DeepSpeed's launcher kills its ranks 30 s after
-relaying), ends the process at once, after ``on_exit`` (the clean-up of shared memory).
+relaying), ends the process at once (``autowu.launcher.processes.exit_now``).
+
+A process forked after the handler was installed (a worker pool) inherits it; there a signal ends the process as
+it would have without the handler: a pool's workers, which their pool ends with SIGTERM, must not wait out the
+watchdog.
 """
 from __future__ import annotations
 
@@ -18,31 +22,36 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from ..errors import ConfigError
 from .nodes import collective_device
+from .processes import exit_now
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopRequests:
-    def __init__(self, check_every: int, timeout_s: float = 25.0, relay_window_s: float = 5.0,
-                 on_exit: Callable[[], None] = lambda: None):
+    def __init__(self, check_every: int, timeout_s: float = 25.0, relay_window_s: float = 5.0):
         if check_every < 1:
-            raise ValueError(f"stop_check_every must be >= 1, got {check_every}")
+            raise ConfigError(f"stop_check_every must be >= 1, got {check_every}")
         self.check_every = check_every
         self.timeout_s = timeout_s
         self.relay_window_s = relay_window_s
-        self.on_exit = on_exit
+        self._pid = os.getpid()
         self.signum: Optional[int] = None
         self._first_at: Optional[float] = None
         self._watchdog: Optional[threading.Timer] = None
         self._previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
 
     def _on_signal(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a forked child: the default action, as if never installed
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         now = time.monotonic()
         if self.signum is None:
             self.signum, self._first_at = signum, now
@@ -58,8 +67,7 @@ class StopRequests:
         code = 128 + (self.signum or signal.SIGTERM)
         print(f"[train] rank {dist.get_rank() if dist.is_initialized() else 0}: stopping at once: {why}; exit "
               f"{code}; continue from the last committed checkpoint with --resume", file=sys.stderr, flush=True)
-        self.on_exit()
-        os._exit(code)
+        exit_now(code)
 
     def agreed(self, step: int, force: bool = False) -> Optional[int]:
         """At an optimizer step boundary: the signal every rank agrees to stop for, or None. A collective every

@@ -26,8 +26,10 @@ from typing import Any, Dict, List, Optional
 
 import torch.distributed as dist
 
-from .jsonfile import write_durably
-from .nodes import is_shared_path, local_rank, node_rank
+from ..environment import local_rank, node_rank
+from ..errors import ConfigError, MissingFileError
+from ..jsonfile import write_durably
+from .nodes import is_shared_path
 
 COMMIT_RECORD = "commit.json"
 _TAG = re.compile(r"^epoch(\d+)(?:_step(\d+))?$")
@@ -49,7 +51,7 @@ class Checkpoints:
             # DeepSpeed writes the model states on global rank 0 alone unless told otherwise: another node's
             # disk would hold its optimizer shards but no model to resume.
             if ds_config.get("checkpoint", {}).get("use_node_local_storage") is False:
-                raise ValueError(f"--out_dir {out_dir} is each node's own disk, and {source} sets "
+                raise ConfigError(f"--out_dir {out_dir} is each node's own disk, and {source} sets "
                                  "checkpoint.use_node_local_storage false: no node but the first could resume; "
                                  "remove that setting or use a shared --out_dir")
             ds_config.setdefault("checkpoint", {})["use_node_local_storage"] = True
@@ -112,7 +114,7 @@ class Checkpoints:
             rank, problem = problems[0]
             skipped.append(f"{tag} ({problem}" + (f", seen by rank {rank}" if dist.get_world_size() > 1 else "")
                            + ")")
-        raise FileNotFoundError(f"--resume: no complete checkpoint in {self.dir}"
+        raise MissingFileError(f"--resume: no complete checkpoint in {self.dir}"
                                 + (f"; skipped {'; '.join(skipped)}" if skipped else " (none saved yet)"))
 
     def _candidates(self) -> List[str]:
@@ -182,7 +184,7 @@ class Checkpoints:
         """Load ``tag`` into the engine (model, optimizer, scheduler); return its client state."""
         _, client_state = engine.load_checkpoint(self.dir, tag=tag)
         if client_state is None:
-            raise FileNotFoundError(f"--resume: DeepSpeed could not load {self.dir}/{tag}")
+            raise MissingFileError(f"--resume: DeepSpeed could not load {self.dir}/{tag}")
         return client_state
 
 
@@ -197,4 +199,4 @@ def _to_universal(source: str, target: str) -> None:
                            "--inject_missing_state"], capture_output=True, text=True)
     if proc.returncode:
         last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
-        raise ValueError(f"--resume: converting {source} to a universal checkpoint failed: {last}")
+        raise MissingFileError(f"--resume: converting {source} to a universal checkpoint failed: {last}")
