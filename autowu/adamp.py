@@ -56,11 +56,31 @@ class FlatLayout:
 
     ``shapes[j]`` and ``offsets[j]``: parameter ``j``'s shape and its first element in the flat buffer (gaps
     between parameters are padding). The tensor holds elements ``[start, start + numel)`` of that buffer.
+    ``partition_starts``: where each tensor of the process group that covers the buffer begins (its ranks' ZeRO
+    partitions, in rank order, each of ``numel`` elements), or empty for a tensor stepped alone.
     """
     shapes: Tuple[Tuple[int, ...], ...]
     offsets: Tuple[int, ...]
     start: int
     numel: int
+    partition_starts: Tuple[int, ...] = ()
+
+    @property
+    def cuts_here(self) -> bool:
+        """Whether this tensor holds part of a projected parameter (cut by its ends)."""
+        return len(cut_parameters(self.shapes, self.offsets, self.start, self.numel).row0) > 0
+
+    def group_reduces(self, in_group: bool) -> bool:
+        """Whether the step all-reduces the sums over the process group: where any tensor of the group holds part
+        of a projected parameter, every rank enters the all-reduce at every step, whether its own tensor holds such
+        a part or not (a rank that skipped a collective its peers enter would hang them); in a group whose
+        partitions this layout does not list, always."""
+        if not in_group:
+            return False
+        if not self.partition_starts:
+            return True
+        return any(len(cut_parameters(self.shapes, self.offsets, start, self.numel).row0)
+                   for start in self.partition_starts)
 
     @classmethod
     def whole(cls, shape: Sequence[int]) -> "FlatLayout":
@@ -80,7 +100,7 @@ class FlatLayout:
 class _Segments:
     """The device-side tables of one tensor's layout: which channel each element belongs to."""
 
-    def __init__(self, layout: FlatLayout, device: torch.device):
+    def __init__(self, layout: FlatLayout, device: torch.device, in_group: bool = False):
         # Channels ("rows") of every projected parameter (2+ dims), over the whole flat buffer, numbered in
         # parameter order; a shard holds a contiguous range of elements, hence of rows.
         row_param, param_numels, param_rows, counted_here = [], [], [], []
@@ -106,13 +126,16 @@ class _Segments:
         self.units, self.shared = whole_parameter_units(layout.shapes, layout.offsets, layout.start, layout.numel)
         self.cut = cut_parameters(layout.shapes, layout.offsets, layout.start, layout.numel)
         self.shares = len(self.shared.first) > 0
+        # Whether the step needs the sums buffer: for this tensor's own cut rows, or for the all-reduce every rank
+        # of its process group enters alike (``FlatLayout.group_reduces``).
+        self.needs_sums = self.shares or layout.group_reduces(in_group)
         self._whole_parameters: Optional[WholeParameters] = None
         self.cut_rows: Optional[CutRows] = None   # built by the first pass, used by the second
         self.device = device
         self._element_row: Optional[torch.Tensor] = None
         if device.type != "cpu":
-            # Built now, with the layout: built at the first step, their host-to-device copies synchronised the
-            # host inside the training loop (seen on an H200 by tests/test_gpu.py). The torch path's table holds
+            # Built with the layout: built at the first step, their host-to-device copies would synchronise the
+            # host inside the training loop (tests/test_gpu.py checks). The torch path's table holds
             # an int32 a element (100 MB for ResNet-50): only where that path runs.
             if self.kernel == "triton":
                 self._triton_plan = self.triton_plan
@@ -214,7 +237,7 @@ class ZeroAdamP(Optimizer):
                 "which declares ZeRO's partitions.")
         layout, group = self._layouts[p]
         if p not in self._segments:
-            self._segments[p] = _Segments(layout, p.device)
+            self._segments[p] = _Segments(layout, p.device, in_group=group is not None)
         return self._segments[p], group
 
     # ------------------------------------------------------------------ the step
@@ -292,11 +315,11 @@ class ZeroAdamP(Optimizer):
         return loss
 
     def _sums_buffer(self, size: int, work) -> Optional[torch.Tensor]:
-        """The step's partial-sums buffer, zeroed; kept from step to step (a new one of 4 x 27,615 floats a step
-        came from ``mmap`` and was faulted in again: 0.1 ms of a 10 ms CPU step). None when every tensor takes
-        the CPU path and no parameter is cut by its ends: its whole parameters keep their sums in the kernel's
-        own scratch."""
-        if all(self._path(p, segments) == "numba" and not segments.shares for p, _, _, segments, _ in work):
+        """The step's partial-sums buffer, zeroed; kept from step to step (a new one a step would come from ``mmap``
+        and be faulted in again). None when every tensor takes the CPU path and no tensor of its process group
+        holds part of a parameter (no rank then all-reduces): whole parameters keep their sums in the kernel's own
+        scratch."""
+        if all(self._path(p, segments) == "numba" and not segments.needs_sums for p, _, _, segments, _ in work):
             return None
         device = work[0][0].device
         if self._sums is None or self._sums.numel() != size or self._sums.device != device:
@@ -310,7 +333,7 @@ class ZeroAdamP(Optimizer):
         """How many parameters took AdamP's projection in the last step, among those whose first element this
         rank holds: the sum over the ranks is the model's count (on one rank, or without ZeRO, it is). Per rank,
         so that reading it is never a collective, and the step pays no all-reduce for a number only tests and
-        logs read (0.2-0.3 ms of a 2-rank CPU step). For tests and logs."""
+        logs read. For tests and logs."""
         if not self._projected_counts:
             return None
         on_device, here = self._projected_counts
@@ -515,29 +538,45 @@ def _project(sums: torch.Tensor, segments: _Segments, group: dict):
     return coefficient, uses_wd_ratio, ((channel | layer) & segments.counted_here).sum()
 
 
-def zero_partition_layouts(zero_optimizer) -> List[Tuple[torch.Tensor, FlatLayout, object]]:
-    """(flat fp32 partition, its layout, its process group) for every group of a DeepSpeed ZeRO-1/2 optimizer.
+def maps_partitions(zero_optimizer) -> bool:
+    """Whether ``zero_partition_layouts`` knows how this DeepSpeed optimizer wrapper partitions the parameters."""
+    return (hasattr(zero_optimizer, "single_partition_of_fp32_groups")      # ZeRO-1/2 (DeepSpeedZeroOptimizer)
+            or hasattr(zero_optimizer, "fp32_groups_flat_partition"))       # bf16 + fp32 accumulation (BF16_Optimizer)
 
-    Read from ``DeepSpeedZeroOptimizer``'s own bookkeeping: each group's parameters in flat order
-    (``round_robin_bit16_groups``), their offsets (``round_robin_bit16_offsets``, padding included), the
-    equal-sized partitions of the aligned flat buffer and this rank's partition id.
+
+def zero_partition_layouts(zero_optimizer) -> List[Tuple[torch.Tensor, FlatLayout, object]]:
+    """(flat fp32 partition, its layout, its process group) for every group of a DeepSpeed ZeRO-1/2 optimizer, or
+    of its ``BF16_Optimizer`` (bf16 with fp32 gradient accumulation on ZeRO-1).
+
+    Read from the wrapper's own bookkeeping: each group's parameters in flat order (``round_robin_bit16_groups``,
+    or ``bf16_groups``), their offsets (``round_robin_bit16_offsets``, padding included; back to back in the
+    BF16_Optimizer), the equal-sized partitions of the aligned flat buffer and this rank's partition id.
     """
     layouts = []
-    for i, flat in enumerate(zero_optimizer.bit16_groups_flat):
+    bf16 = not hasattr(zero_optimizer, "single_partition_of_fp32_groups")
+    flats = zero_optimizer.bf16_groups_flat if bf16 else zero_optimizer.bit16_groups_flat
+    for i, flat in enumerate(flats):
         group = zero_optimizer.real_dp_process_group[i]
         world, rank = dist.get_world_size(group=group), dist.get_rank(group=group)
-        params = zero_optimizer.round_robin_bit16_groups[i]
-        metas = getattr(zero_optimizer, "round_robin_bit16_meta", [params] * (i + 1))[i]
+        if bf16:
+            metas = zero_optimizer.bf16_groups[i]
+            offsets = None
+        else:
+            params = zero_optimizer.round_robin_bit16_groups[i]
+            metas = getattr(zero_optimizer, "round_robin_bit16_meta", [params] * (i + 1))[i]
+            offsets = getattr(zero_optimizer, "round_robin_bit16_offsets", None)
         shapes = tuple(tuple(m.shape) for m in metas)
-        offsets = getattr(zero_optimizer, "round_robin_bit16_offsets", None)
         if offsets is not None:
             offsets = tuple(offsets[i])
-        else:  # DeepSpeed before per-parameter padding: parameters back to back
+        else:  # parameters back to back
             offsets = tuple(int(sum(math.prod(s) for s in shapes[:j])) for j in range(len(shapes)))
-        partition = zero_optimizer.single_partition_of_fp32_groups[i]
+        partition = (zero_optimizer.fp32_groups_flat_partition if bf16
+                     else zero_optimizer.single_partition_of_fp32_groups)[i]
         size = flat.numel() // world
         if partition.numel() != size or size * world != flat.numel():
             raise RuntimeError(f"ZeroAdamP: ZeRO group {i}: partition of {partition.numel()} elements, expected "
                                f"{flat.numel()} / {world}; this DeepSpeed partitions differently")
-        layouts.append((partition, FlatLayout(shapes, offsets, rank * size, size), group if world > 1 else None))
+        starts = tuple(r * size for r in range(world)) if world > 1 else ()
+        layouts.append((partition, FlatLayout(shapes, offsets, rank * size, size, starts),
+                        group if world > 1 else None))
     return layouts

@@ -327,8 +327,8 @@ _NO_PROJECTION, _CHANNEL_VIEW, _LAYER_VIEW = 0, 1, 2
 def _one_parameter(param, grad, exp_avg, exp_avg_sq, a0, rows, n, projects, sums, q_row, beta1, beta2, eps,
                    sqrt_bias_correction2, nesterov, delta, step_size, decay, decay_projected):
     """``sums`` (4 x at least ``rows``, float64) and ``q_row`` (at least ``n``, float32): the calling thread's
-    scratch. Nothing is allocated here: in a thread of torch's team, malloc's per-thread arena gave memory back
-    to the system and faulted it in again at every parameter (36 ms a ResNet-50 step instead of 16).
+    scratch. Nothing is allocated here: in a thread of torch's team, malloc's per-thread arena gives memory back
+    to the system and faults it in again at every parameter, which more than doubles a step.
 
     A projected parameter is first stepped as if it took the channel view, each row in one visit: its sums, its
     cosine, Adam's moments, its update direction and its update while the row is in the L1 cache. The channel view
@@ -392,9 +392,8 @@ def _one_parameter(param, grad, exp_avg, exp_avg_sq, a0, rows, n, projects, sums
 def _adam_and_sums(param, grad, exp_avg, exp_avg_sq, a, n, q_row, constants):
     """One row's Adam moments and update direction (into ``q_row``) and its four sums: grad.param, grad.grad,
     param.param and param.perturb, in one visit of the four arrays (streamed together, as a fused Adam streams
-    them: a loop over param and grad first, then one over the moments, took 11-17% longer on ResNet-50 when
-    memory was fast, 19-20% with float64 sums). The sums are float32, as torch sums float32 tensors (timm's
-    AdamP): float64 sums take 8 floats a vector instead of 16."""
+    them; a loop over param and grad first, then one over the moments, is slower). The sums are float32, as
+    torch sums float32 tensors (timm's AdamP): float64 sums take 8 floats a vector instead of 16."""
     gs, ps, ms, vs = grad[a:a + n], param[a:a + n], exp_avg[a:a + n], exp_avg_sq[a:a + n]
     grad_param = grad_grad = param_param = param_perturb = np.float32(0.0)
     for i in range(n):
@@ -539,11 +538,11 @@ def _apply_rows(param, grad, exp_avg, exp_avg_sq, a, n, c, beta1, eps, sqrt_bias
 
 # A whole parameter's step, with as little memory traffic as AdamP allows (``_one_parameter``): in the channel
 # view each row is read and written once, as a fused Adam reads four arrays and writes three. Deciding first, in
-# a pass of its own over param and grad, read six arrays: the ResNet-50 kernel took 10-13% longer.
+# a pass of its own over param and grad, would read six arrays.
 #
 # The parameters run on torch's own threads. numba's thread pool (TBB, or OpenMP from another copy of the
 # runtime than torch's) would share the cores with torch's OpenMP workers, which spin for milliseconds after
-# every torch operation: the same work took 17-20 ms inside a DeepSpeed step against 9 ms alone. So the worker
+# every torch operation, and the same work takes about twice as long inside a DeepSpeed step. So the worker
 # is a C callback (numba ``cfunc``) that ``GOMP_parallel`` of the OpenMP runtime torch loaded runs on every
 # thread of torch's team, as DeepSpeed's fused CPU Adam runs; the threads take parameters one at a time from an
 # atomic counter. Each parameter is done by one thread in one fixed order: the result does not depend on the
@@ -638,8 +637,7 @@ class WholeParameters:
         """One step of every unit on four contiguous float32 buffers of ``numel`` elements, given by their addresses
         (the caller checks them); returns how many units were projected. Addresses, not numpy views: in a
         DeepSpeed step this Python runs right after ZeRO's passes over hundreds of MB, with the caches cold, and
-        every array made and call taken costs microseconds (ZeroAdamP's Python around a ResNet-50 step was
-        0.75 ms inside the engine against 0.04 ms warm)."""
+        every array made and call taken costs microseconds (``benchmarks/RESULTS.md``)."""
         block = self.block
         block[1], block[2], block[3], block[4], block[5] = numel, param, grad, exp_avg, exp_avg_sq
         self.scalars[:] = (beta1, beta2, eps, sqrt_bias_correction2, float(nesterov), delta, step_size, decay,

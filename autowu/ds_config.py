@@ -171,6 +171,11 @@ def selects_adamp(config: Dict[str, Any]) -> bool:
     return str(_type_of(config, "optimizer") or "").lower() == OPTIMIZER_TYPE.lower()
 
 
+def asks_for_rollback(config: Dict[str, Any]) -> bool:
+    """Whether the scheduler params ask for the rollback themselves (not the mode's default)."""
+    return selects_autowu(config) and bool((_block(config, "scheduler").get("params") or {}).get("rollback"))
+
+
 def rollback_unsupported(config: Dict[str, Any]) -> Optional[str]:
     """Why the engine a config builds cannot roll back, or None. Rollback puts back what the client optimizer
     steps and rebuilds the model's copy from it: ZeRO-1/2's partitions, or the module itself in fp32 without
@@ -239,6 +244,67 @@ class ResolvedConfig:
         return resolved
 
 
+# DeepSpeed's top-level scalars that its parser reads without checking (a string in "steps_per_print" fails at the
+# first print, a 0 divides by zero): (accepts, what to write). Others are checked by the type of DeepSpeed's default.
+_SCALARS = {
+    "steps_per_print": (lambda v: v is None or (_number(v) and v >= 1), "a number >= 1 (Hugging Face's Trainer "
+                                                                       "writes infinity: never)"),
+    "gradient_clipping": (lambda v: _number(v) and v >= 0, "a number >= 0 (0: no clipping)"),
+    "gradient_predivide_factor": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "gradient_accumulation_steps": (lambda v: v in (None, "auto") or _whole(v, 1), "a positive whole number"),
+}
+# Keys of the optimizer and scheduler blocks DeepSpeed reads (anything else it ignores without a word).
+_BLOCK_KEYS = {"optimizer": ("type", "params", "legacy_fusion"), "scheduler": ("type", "params")}
+
+
+def _whole(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_values(config: Dict[str, Any], source: str) -> None:
+    """The values DeepSpeed takes on trust: top-level scalars, and the optimizer and scheduler blocks' keys and
+    names (an unknown name fails only once the engine is built)."""
+    import torch
+    import deepspeed.runtime.constants as constants
+    from deepspeed.runtime import lr_schedules
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    defaults = {getattr(constants, name[:-len("_DEFAULT")]): value for name, value in vars(constants).items()
+                if name.endswith("_DEFAULT") and isinstance(getattr(constants, name[:-len("_DEFAULT")], None), str)}
+    for key, value in config.items():
+        if key in _SCALARS:
+            accepts, expected = _SCALARS[key]
+            if not accepts(value):
+                raise ConfigError(f"{source}: {key} must be {expected}, got {shown(value)}")
+        elif isinstance(defaults.get(key), bool) and not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} must be true or false, got {shown(value)}")
+        elif _number(defaults.get(key)) and not _number(value):
+            raise ConfigError(f"{source}: {key} must be a number, got {shown(value)}")
+    for key, known in _BLOCK_KEYS.items():
+        block = _block(config, key)
+        unknown = set(block) - set(known)
+        if unknown:
+            raise unknown_keys_error(f"{source}: {key}", unknown, known, why="DeepSpeed would ignore it")
+        if block and "type" not in block:
+            raise ConfigError(f"{source}: {key} needs a \"type\"")
+        if block.get("params") is not None and not isinstance(block["params"], dict):
+            raise ConfigError(f"{source}: {key}.params must be an object, got {shown(block['params'])}")
+    kind = _type_of(config, "optimizer")
+    if kind is not None and kind.lower() not in (OPTIMIZER_TYPE.lower(), *DEEPSPEED_OPTIMIZERS) \
+            and getattr(torch.optim, kind, None) is None:
+        raise ConfigError(f"{source}: optimizer.type {kind!r} is neither autowu's AdamP nor an optimizer DeepSpeed "
+                          f"knows ({', '.join(DEEPSPEED_OPTIMIZERS)}, or a torch.optim class)")
+    kind = _type_of(config, "scheduler")
+    if kind is not None and kind != SCHEDULER_TYPE and not hasattr(lr_schedules, kind) \
+            and not hasattr(torch.optim.lr_scheduler, kind):
+        raise ConfigError(f"{source}: scheduler.type {kind!r} is neither AutoWU nor a scheduler DeepSpeed knows (its "
+                          "lr_schedules, or a torch.optim.lr_scheduler class)")
+
+
 def resolve(config: Union[str, os.PathLike, Dict[str, Any]], *, source: Optional[str] = None,
             steps_per_epoch: Optional[int] = None, total_epochs: Optional[int] = None, seed: Optional[int] = None,
             world_size: Optional[int] = None) -> ResolvedConfig:
@@ -251,18 +317,20 @@ def resolve(config: Union[str, os.PathLike, Dict[str, Any]], *, source: Optional
     source = source or (os.fspath(config) if not isinstance(config, dict) else "DeepSpeed config")
     raw = load_config(config)
     check_config_keys(raw, source)
+    _check_values(raw, source)
     stage, precision = zero_stage(raw), half_precision(raw)
     options, counts = _autowu_block(raw, source, steps_per_epoch=steps_per_epoch, total_epochs=total_epochs,
                                     seed=seed)
     adamp = _adamp_block(raw, source, stage, precision)
     _refuse_shape_dependent_config_optimizer(raw, stage)
-    if options is not None and options.rollback and "rollback" in _block(raw, "scheduler").get("params", {}):
-        where = rollback_unsupported(raw)  # asked for in the JSON, not the mode's default
+    if options is not None and asks_for_rollback(raw):
+        where = rollback_unsupported(raw)
         if where:
             raise ConfigError(f"{source}: scheduler AutoWU: rollback with {where} is not supported (autowu puts "
                               "back ZeRO stage 1 and 2's partitions, or an fp32 model without ZeRO); use "
                               "\"zero_optimization\": {\"stage\": 1} or 2, or set \"rollback\": false in the "
                               "scheduler params")
+    _refuse_precision_mixes(raw, stage, precision, source)
     micro = accumulation = None
     if world_size is not None:
         micro, accumulation = _batch(raw, world_size, source)
@@ -372,6 +440,12 @@ def _adamp_block(config: Dict[str, Any], source: str, stage: int, precision: Opt
         raise ConfigError(f"{source}: optimizer AdamP with ZeRO stage 3: not supported (its projection needs each "
                           "parameter's channels, which autowu maps for ZeRO's flat partitions of stage 1 and 2 "
                           "only); use \"zero_optimization\": {\"stage\": 1} or 2")
+    offload = (_block(config, "zero_optimization").get("offload_optimizer") or {})
+    if isinstance(offload, dict) and offload.get("device") not in (None, "none"):
+        raise ConfigError(f"{source}: optimizer AdamP with zero_optimization.offload_optimizer (device "
+                          f"{offload.get('device')!r}): not supported (autowu's AdamP all-reduces its per-channel "
+                          "sums where the partitions live, and offloaded they live on the host); remove "
+                          "offload_optimizer, or use DeepSpeed's own AdamW there (no AdamP projection)")
     if stage == 0 and precision:
         raise ConfigError(f"{source}: optimizer AdamP with {precision} needs ZeRO stage 1 or 2: without ZeRO, "
                           f"DeepSpeed's {precision} optimizer flattens the parameters in a way autowu does not map; "
@@ -384,6 +458,20 @@ def _adamp_block(config: Dict[str, Any], source: str, stage: int, precision: Opt
     except ConfigError as err:
         raise ConfigError(f"{where}: {str(err).removeprefix('AdamP: ')}") from None
     return params
+
+
+def _refuse_precision_mixes(config: Dict[str, Any], stage: int, precision: Optional[str], source: str) -> None:
+    """Gradient accumulation in another precision than the model's: DeepSpeed 0.19.8 builds an engine for it only
+    with ZeRO (and for bf16 with fp32 accumulation on ZeRO-1, its BF16_Optimizer); without ZeRO it raises
+    NotImplementedError at the engine's construction."""
+    accumulate = _block(config, "data_types").get("grad_accum_dtype")
+    model = {"fp16": "fp16", "bf16": "bf16", "bfloat16": "bf16", None: "fp32"}[precision]
+    if accumulate is None or stage > 0:
+        return
+    if {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(accumulate, accumulate) != model:
+        raise ConfigError(f"{source}: data_types.grad_accum_dtype {accumulate!r} with a {model} model needs ZeRO "
+                          "(\"zero_optimization\": {\"stage\": 1} or 2); DeepSpeed has no engine for that mix "
+                          "without it")
 
 
 def _refuse_shape_dependent_config_optimizer(config: Dict[str, Any], stage: int) -> None:
@@ -454,10 +542,23 @@ def _deepspeed_parse(config: Dict[str, Any], world_size: int, source: str) -> No
         parse(plain)
     except Exception as err:  # DeepSpeed's parser raises whatever its code hits: name the key it was reading
         culprit = next((key for key in plain if _parses_without(parse, plain, key)), None)
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        where = f"\"{culprit}\"" if culprit else "the config"
-        raise ConfigError(f"{source}: DeepSpeed {_deepspeed_version()} refuses {where}: "
-                          f"{type(err).__name__}: {first}") from None
+        raise ConfigError(f"{source}: DeepSpeed {_deepspeed_version()} refuses "
+                          f"{_described(err, culprit)}") from None
+
+
+def _described(err: Exception, culprit: Optional[str]) -> str:
+    """DeepSpeed's refusal in one line, naming the key: a block's own validation (pydantic) names the field."""
+    errors = getattr(err, "errors", None)
+    if callable(errors):  # pydantic's ValidationError: the field's path and what it expects
+        try:
+            first = errors()[0]
+            loc = tuple(str(part) for part in first.get("loc", ()))
+            path = ".".join(loc if culprit is None or loc[:1] == (culprit,) else (culprit, *loc))
+            return f"{path}: {first.get('msg', '')}, got {shown(first.get('input'))}"
+        except Exception:  # noqa: BLE001  (another errors(): fall back to the message)
+            pass
+    text = " ".join(str(err).split())[:300] or type(err).__name__
+    return f"\"{culprit}\": {type(err).__name__}: {text}" if culprit else f"the config: {type(err).__name__}: {text}"
 
 
 def _parses_without(parse, config: Dict[str, Any], key: str) -> bool:

@@ -1,10 +1,9 @@
 """Taking the training state back, at the switch, to before the LR passed the peak (``AutoWU(rollback=True)``).
 
 The GP test can only see the loss curve's minimum once the loss has risen past it, so by the switch the ramp has
-run the LR well past the peak it then switches to (on the benchmark's digits_cnn_adamp: 3.2x, median over 20
-seeds) and, with ``hold``, trained there while the pass was confirmed. On that task AutoWU's own ramp to its own
-peak at its own switch step, never going past it, scored 0.29 points more (``benchmarks/RESULTS.md``, issue 19):
-the overshoot, not the search's length, is what the run pays. This object keeps the training state at each GP
+run the LR past the peak it then switches to and, with ``hold``, trained there while the pass was confirmed: the
+overshoot, not the search's length, is what the run pays (``benchmarks/RESULTS.md``). This object keeps the
+training state at each GP
 test of the warmup and, at the switch, puts back the latest one whose LR was at most the peak: the run goes on
 from the weights it had before the overshoot, at the peak, with the decisions (switch step, peak) unchanged.
 
@@ -108,9 +107,9 @@ class EngineRollback(SwitchRollback):
         optimizer, zero = engine.basic_optimizer, engine.optimizer
         if engine.zero_optimization_stage() >= 3:  # its module parameters are placeholders; not mapped here
             raise ConfigError("AutoWU rollback: ZeRO stage 3 is not supported; use \"zero_optimization\": "
-                             "{\"stage\": 1} or 2, or remove rollback from the scheduler params")
-        self.zero = zero if hasattr(zero, "update_lp_params") and hasattr(zero, "single_partition_of_fp32_groups") \
-            else None
+                             "{\"stage\": 1} or 2, or set \"rollback\": false in the scheduler params")
+        # ZeRO-1/2's optimizer and the bf16 optimizer rebuild their 16-bit weights from the client's partitions
+        self.zero = zero if hasattr(zero, "update_lp_params") else None
         if self.zero is None:
             module_params = {id(p) for p in engine.module.parameters()}
             stepped = [p for group in optimizer.param_groups for p in group["params"]]
@@ -118,7 +117,7 @@ class EngineRollback(SwitchRollback):
                 raise ConfigError(
                     f"AutoWU rollback: the engine's optimizer ({type(zero).__name__}) keeps master weights autowu "
                     "cannot put back (it knows ZeRO stage 1 and 2, and fp32 without ZeRO); use "
-                    "\"zero_optimization\": {\"stage\": 1} or 2, or remove rollback from the scheduler params")
+                    "\"zero_optimization\": {\"stage\": 1} or 2, or set \"rollback\": false in the scheduler params")
         super().__init__(optimizer, [engine.module], keep)
         self.expected: Dict = {"steps": [], "world_size": _world_size()}
 

@@ -5,16 +5,9 @@ The LR grows exponentially (or linearly) from ``min_lr`` towards ``max_lr``, whi
 often on a fast ramp), whether the training loss's minimum already lies in the past; after ``patience`` passing
 tests in a row (``autowu.switch``), or at the warmup cap, the LR drops to the LR at the GP's predicted minimum
 and decays: by cosine to 0 at the last step (``immediate_cooldown=True``), or it stays constant and cosines to
-0 over the last ``cooldown_fraction``.
-
-Two modes. ``mode="paper"`` is the paper's code exactly: a test an epoch, three passes in a row, the ramp
-over half the run, every finite loss fitted. ``mode="default"`` (the default) differs where the paper's
-procedure lost accuracy on real runs (``benchmarks/bench_schedules.py``, README): the ramp covers a fifth of
-the run, the LR holds while a passing test is confirmed (two passes in a row) and, if the pass is not
-confirmed, ramps again from the LR that test saw as the minimum; tests come often enough that the ramp grows
-the LR at most 1.8x between two; isolated loss spikes are left out of the fit; and at the switch the training
-state of the last test at or below the peak is put back (``autowu.rollback``: the ramp has run past the peak by
-then, and the run goes on from before it; pass ``model=`` so that BatchNorm's statistics go back too).
+0 over the last ``cooldown_fraction``. The scheduler measures and applies; the LR is a pure function of the step
+and the decisions (``autowu.schedule``); the options and the two modes, ``"paper"`` (the paper's code exactly)
+and ``"default"``, are ``autowu.options``.
 
 Usage, as in the paper's code::
 
@@ -23,7 +16,8 @@ Usage, as in the paper's code::
         loss = ...; loss.backward(); optimizer.step()
         scheduler.step(loss)   # no host sync: the loss stays on its device until the next test
 
-Under DeepSpeed, ``autowu.deepspeed.initialize`` feeds it the losses instead (``step()`` without a loss).
+Under DeepSpeed the engine steps the scheduler itself; after ``import autowu.deepspeed`` a hook on the engine
+hands it each step's loss (``receive_loss``) and connects the ranks (``connect_ranks``).
 """
 from __future__ import annotations
 
@@ -159,6 +153,7 @@ class AutoWU:
         self.switch_curve: Optional[Dict] = None
         self._num_reduced = 0
         self._hyper = GPHyperparameters.initial(settings)
+        self._loss_unit: Optional[float] = None   # scale_free: the GP's loss unit, fixed at the first test
         self._generator = torch.Generator().manual_seed(options.seed)
         self._losses: Optional[torch.Tensor] = None
         self._restored_losses: Optional[torch.Tensor] = None
@@ -300,7 +295,9 @@ class AutoWU:
         record = TestRecord(step=n, epoch=n / self.steps_per_epoch, lr=self._warmup_lr_at(n - 1),
                             nonfinite=int((~np.isfinite(losses)).sum()),
                             spikes_ignored=int(np.isfinite(losses).sum() - usable.sum()), at_cap=at_cap)
-        result = self._gp_result(losses, usable, record) if usable.sum() >= 2 else None
+        result = None
+        if usable.sum() >= 2:
+            result = self._gp_result(losses / self._unit_of(losses, usable), usable, record)
         if result is not None and result.argmin_x:
             record.argmin_lr = float(np.mean([self._warmup_lr_at(x * n) for x in result.argmin_x]))
             record.passed = result.passed
@@ -309,6 +306,17 @@ class AutoWU:
         else:
             record.argmin_lr = self._warmup_lr_at(n - 1)
         return record, result, losses, usable
+
+    def _unit_of(self, losses: np.ndarray, usable: np.ndarray) -> float:
+        """What the GP sees as one loss unit: with ``scale_free``, the mean magnitude of the usable losses at the
+        first test (kept from then on, so that the GP's hyperparameters carried from test to test stay in one
+        unit); otherwise 1, the losses as they are (the paper)."""
+        if not self.options.scale_free:
+            return 1.0
+        if self._loss_unit is None:
+            level = float(np.mean(np.abs(losses[usable]))) if usable.any() else 1.0
+            self._loss_unit = level if math.isfinite(level) and level > 0 else 1.0
+        return self._loss_unit
 
     def _gp_result(self, losses: np.ndarray, usable: np.ndarray, record: TestRecord) -> Optional[GPTestResult]:
         """The GP test's result; a numerical failure counts as a test not passed, never ends the run."""
@@ -336,8 +344,9 @@ class AutoWU:
         self._losses = self._restored_losses = None  # the buffer is only needed during warmup
         if result is not None:
             # What the GP saw and predicted at the switch, for logs and plots.
-            self.switch_curve = {"step": n, "x": result.grid.tolist(), "mean": result.curve_mean.tolist(),
-                                 "std": result.curve_std.tolist(),
+            unit = self._unit_of(losses, usable)  # the curve back in the losses' own units
+            self.switch_curve = {"step": n, "x": result.grid.tolist(), "mean": (result.curve_mean * unit).tolist(),
+                                 "std": (result.curve_std * unit).tolist(),
                                  "lr": [self._warmup_lr_at(x * n) for x in result.grid],
                                  "losses": losses.tolist(), "usable": usable.tolist()}
 
@@ -365,7 +374,7 @@ class AutoWU:
             "peak_lr": decisions["peak_lr"], "history": [dict(r) for r in self.history],
             "switch_curve": self.switch_curve, "rule": decisions,
             "num_reduced": self._num_reduced, "gp_hyperparameters": self._hyper.state_dict(),
-            "generator_state": self._generator.get_state(), "losses": losses,
+            "generator_state": self._generator.get_state(), "losses": losses, "loss_unit": self._loss_unit,
             "settings": self.state_dict_settings(),
             **({"rollback": self._rollback.state_dict()} if self._rollback is not None else {}),
         }
@@ -390,6 +399,7 @@ class AutoWU:
         self._num_reduced = int(state["num_reduced"])
         self._hyper = GPHyperparameters.from_state_dict(state["gp_hyperparameters"])
         self._generator.set_state(state["generator_state"])
+        self._loss_unit = state.get("loss_unit")
         self._losses = None
         self._restored_losses = state["losses"] if self.phase == "warmup" else None
         if self._rollback is not None:

@@ -10,8 +10,9 @@ the median of the ``half_window`` losses after it. An isolated spike is off both
 rising flank is not: the losses after it are higher than the ones before, and a noisy high point on the way up
 lies above the level before it but not far above the level after it. The last ``half_window`` losses, which
 have fewer after them, are judged against the level of the last ``half_window`` losses with twice the
-threshold (and the first ones against the level of the first). (The earlier rule compared each loss to a centred running median; on a real curve it removed the noisy
-top of the rise, the very evidence the test looks for, and delayed a switch into divergence: 36% top-1.)
+threshold (and the first ones against the level of the first). A rule against a centred running median would
+remove the noisy top of a real rise, the very evidence the test looks for (``tests/test_scheduler.py`` holds
+such a recorded curve).
 """
 from __future__ import annotations
 

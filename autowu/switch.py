@@ -14,9 +14,8 @@ decisions into LRs.
   which was already past it. Without it (the paper, or ``hold`` off) the ramp goes on from where it stopped.
 - ``peak_highest_of_hold``: a switch that ends a hold takes the highest LR that any test of the hold predicted as
   the minimum, not the last test's. While the LR is held past the minimum the losses rise under it, and the GP,
-  a function of the step, moves its minimum earlier (to a lower LR): on digits_cnn_adamp the confirming test's
-  minimum was below the first one's in 8 of 10 seeds (0.0108 against 0.0136, 0.0173 against 0.0333), and the
-  runs that switched lower ended lower. Where the loss still falls under the held LR the confirming test's
+  a function of the step, moves its minimum earlier (to a lower LR), and runs that switch lower end lower
+  (``benchmarks/RESULTS.md``). Where the loss still falls under the held LR the confirming test's
   minimum is the higher one and is taken as before. Each is an LR of steps the run has already taken (the GP
   places its minimum among the steps seen).
 - ``peak_fraction``: the post-switch LR is this fraction of the LR at the GP's predicted minimum.

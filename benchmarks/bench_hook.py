@@ -100,9 +100,9 @@ def main():
     for i in range(n):
         detached = loss.detach().float()  # hook.backward's work
         total = detached if i % 2 else detached + detached
-        sched.pending_loss = total / 1  # hook.step's work
-        sched._record(sched.pending_loss)  # scheduler.step's work: record, count, set the LRs
-        sched.pending_loss = None
+        sched.receive_loss(total / 1)  # hook.step's work
+        sched._record(total / 1)  # scheduler.step's work: record, count, set the LRs
+        sched.receive_loss(None)
         sched._set_lrs()
         sched.last_step = saved_step  # stay inside one epoch: no GP test in this loop
     own_us = (time.perf_counter() - start) / n * 1e6

@@ -138,3 +138,19 @@ def test_accelerate_builds_autowu_from_the_json_and_resumes_exactly(tmp_path):
         assert {k: v for k, v in whole["lrs"].items() if int(k) >= 53} == again["lrs"]
         for key in ("switch_step", "peak_lr", "history", "params", "last_step"):
             assert again[key] == whole[key], key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulation", [4, 1])
+def test_hf_trainer_with_accumulation_hands_autowu_the_loss_it_logs(accumulation, tmp_path):
+    """Hugging Face's Trainer divides each micro-batch's loss by the accumulation itself and calls
+    ``engine.backward(loss, scale_wrt_gas=False)``: AutoWU receives the loss the Trainer logs for the step (once
+    0.25x of it with 4 micro-batches), on both ranks."""
+    pytest.importorskip("transformers")
+    launch("hf_trainer.py", ["--accumulation", accumulation], tmp_path, ranks=2)
+    ranks = [json.loads((tmp_path / f"trainer_gas{accumulation}_rank{r}.json").read_text()) for r in range(2)]
+    for run in ranks:
+        assert run["optimizer"] == "ZeroAdamP" and run["autowu_steps"] == run["engine_steps"] == 6
+        assert len(run["autowu"]) >= 4
+        assert run["autowu"] == pytest.approx(run["logged"][:len(run["autowu"])], abs=1e-6)
+    assert ranks[0]["autowu"] == ranks[1]["autowu"]

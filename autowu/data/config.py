@@ -31,6 +31,9 @@ class WriteConfig:
         _check_range("write.max_resolution", self.max_resolution, 8, 10_000)
         _check_range("write.compress_probability", self.compress_probability, 0.0, 1.0)
         _check_range("write.jpeg_quality", self.jpeg_quality, 1, 100)
+        if self.num_workers != -1:
+            _check_range("write.num_workers (-1: every core)", self.num_workers, 1, 4096)
+        _check_range("write.chunk_size", self.chunk_size, 1, 1 << 20)
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,12 @@ class TrainLoaderConfig:
     def __post_init__(self):
         _check_range("train.resolution", self.resolution, 8, 4096)
         _check_range("train.lighting_alphastd", self.lighting_alphastd, 0.0, 10.0)
+        _check_workers("train.num_workers", self.num_workers)
+        _check_range("train.batches_ahead", self.batches_ahead, 1, 64)
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ConfigError(f"train.scale: need 0 < low <= high <= 1 (areas of the image), got {list(self.scale)}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ConfigError(f"train.ratio: need 0 < low <= high (aspect ratios), got {list(self.ratio)}")
         _check_choice("train.order", self.order, ("random", "quasi_random"))
 
 
@@ -67,6 +76,8 @@ class ValLoaderConfig:
         _check_range("val.resolution", self.resolution, 8, 4096)
         _check_range("val.crop_ratio", self.crop_ratio, 0.05, 1.0)
         _check_range("val.batch_size", self.batch_size, 1, 1 << 20)
+        _check_workers("val.num_workers", self.num_workers)
+        _check_range("val.batches_ahead", self.batches_ahead, 1, 64)
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,8 @@ class DataConfig:
         unknown = set(raw) - names - {"description"}
         if unknown:
             raise unknown_keys_error(source, unknown, names)
+        if not isinstance(raw.get("description", ""), str):
+            raise ConfigError(f"{source}: description must be a string (a note for people), got {raw['description']!r}")
         return cls(**{f.name: _build(f.default_factory, raw.get(f.name, {}), f"{source}: {f.name}")
                       for f in dataclasses.fields(cls)})
 
@@ -105,6 +118,11 @@ def _build(section_cls: Type[T], values: Dict[str, Any], where: str) -> T:
 def _check_choice(name, value, allowed):
     if value not in allowed:
         raise ConfigError(f"{name}: invalid value {value!r}; allowed: {', '.join(map(repr, allowed))}")
+
+
+def _check_workers(name, value):
+    if value is not None:
+        _check_range(f"{name} (null: the cores this rank may use)", value, 1, 4096)
 
 
 def _check_range(name, value, low, high):

@@ -4,8 +4,8 @@ Crops: FFCV 1.0.2 draws them from numba's unseeded per-thread generators; here e
 (seed, epoch, sample index) (``sample_rng``), FFCV's procedure otherwise (10 tries of scale and log-ratio, then
 the centre fallback).
 
-Resize: FFCV resizes every crop with OpenCV's INTER_AREA, ~0.6-1 ms an image on this CPU even for ratios near 1:
-as much as decoding the JPEG. ``autowu/data/_fast_resize.cpp`` (built by setup.py against the same OpenCV)
+Resize: FFCV resizes every crop with OpenCV's INTER_AREA, even for ratios near 1: on a CPU about as long as
+decoding the JPEG. ``autowu/data/_fast_resize.cpp`` (built by setup.py against the same OpenCV)
 resizes with INTER_LINEAR while the crop is under twice the output size either way (bilinear then reads every
 source pixel's neighbourhood: nothing to average away) and with INTER_AREA beyond. If the extension was not
 built, FFCV's resize is used.

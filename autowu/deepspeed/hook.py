@@ -23,9 +23,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..adamp import ZeroAdamP, zero_partition_layouts
+from ..adamp import ZeroAdamP, maps_partitions, zero_partition_layouts
+from ..ds_config import asks_for_rollback, rollback_unsupported
 from ..errors import ConfigError
-from ..ds_config import rollback_unsupported
 from ..rollback import EngineRollback
 from ..scheduler import AutoWU
 
@@ -65,7 +65,9 @@ class AutoWULossHook:
         return self._engine_backward(loss, *args, **kwargs)
 
     def step(self, *args, **kwargs):
-        boundary = self.engine.is_gradient_accumulation_boundary()
+        # Where the caller owns the accumulation ("managed_gradient_accumulation": false), every engine.step() is
+        # an optimizer step; the engine says it is a boundary only while inside it.
+        boundary = not self._managed() or self.engine.is_gradient_accumulation_boundary()
         scheduler = self.scheduler
         handed = None
         if boundary:
@@ -86,6 +88,10 @@ class AutoWULossHook:
             scheduler.step(handed if handed is not None else math.nan)
         scheduler.receive_loss(None)
         return result
+
+    def _managed(self) -> bool:
+        managed = getattr(self.engine, "managed_gradient_accumulation", None)
+        return managed() if callable(managed) else True
 
     def _engine_rollback(self) -> Optional[EngineRollback]:
         rollback = self.scheduler.switch_rollback
@@ -141,10 +147,23 @@ class _BroadcastFromFirstRank:
 def declare_zero_partitions(engine, optimizer: ZeroAdamP) -> None:
     """Tell ZeroAdamP which parameters ZeRO's flat partitions hold; refuse anything it cannot map."""
     zero_optimizer = engine.optimizer
-    if hasattr(zero_optimizer, "single_partition_of_fp32_groups"):  # ZeRO stage 1 and 2
+    if maps_partitions(zero_optimizer):  # ZeRO stage 1 and 2, and the bf16 optimizer's partitions
         for partition, layout, group in zero_partition_layouts(zero_optimizer):
             optimizer.set_layout(partition, layout, group)
     optimizer.check_layouts()
+
+
+def refuse_pipeline(engine_or_model) -> None:
+    """AutoWU under DeepSpeed's pipeline engine: refused. Its ``train_batch`` runs the backward passes and the
+    optimizer step inside itself (``engine.backward`` and ``engine.step`` raise there), and steps the scheduler
+    before the batch's loss is known, so the loss never reaches AutoWU."""
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+    from deepspeed.runtime.pipe.module import PipelineModule
+
+    if isinstance(engine_or_model, (PipelineEngine, PipelineModule)):
+        raise ConfigError("AutoWU with DeepSpeed's pipeline engine (a PipelineModule) is not supported: its "
+                          "train_batch() steps the scheduler before the batch's loss is known, so AutoWU could not "
+                          "see it; train without pipeline parallelism (a plain module), or use another scheduler")
 
 
 def _keep_fp16_alive_at_min_scale(engine) -> None:
@@ -178,6 +197,7 @@ def attach(engine) -> AutoWULossHook:
     if hook is not None:
         return hook
     scheduler = engine.lr_scheduler
+    refuse_pipeline(engine)
     if not isinstance(scheduler, AutoWU):
         raise ValueError(f"autowu.deepspeed.attach: the engine's LR scheduler is {type(scheduler).__name__}, not "
                          "AutoWU; select it in the config (\"scheduler\": {\"type\": \"AutoWU\", ...}) or pass an "
@@ -189,13 +209,18 @@ def attach(engine) -> AutoWULossHook:
     # refused with the config; so here that is the mode's default: off.
     rollback = scheduler.switch_rollback
     if rollback is not None and not isinstance(rollback, EngineRollback):
-        where = rollback_unsupported(engine._config._param_dict)
-        if where:
-            warnings.warn(f"AutoWU: the default mode's rollback at the switch is off for this engine ({where}); the "
+        config = engine._config._param_dict
+        where = rollback_unsupported(config)
+        try:
+            if where:
+                raise ConfigError(f"AutoWU: rollback with {where} is not supported")
+            scheduler.use_rollback(EngineRollback(engine, rollback.keep))
+        except ConfigError as err:
+            if asks_for_rollback(config):
+                raise
+            warnings.warn(f"AutoWU: the default mode's rollback at the switch is off for this engine ({err}); the "
                           "switch keeps the state trained past the peak", RuntimeWarning)
             scheduler.use_rollback(None)
-        else:
-            scheduler.use_rollback(EngineRollback(engine, rollback.keep))
     engine.autowu_hook = AutoWULossHook(engine, scheduler)
     if engine.fp16_enabled():
         _keep_fp16_alive_at_min_scale(engine)

@@ -27,7 +27,7 @@ from typing import List
 from ..adamp import ZeroAdamP
 from ..ds_config import ResolvedConfig, refuse_client_objects, resolve, selects_adamp, selects_autowu
 from ..scheduler import AutoWU
-from .hook import attach, declare_zero_partitions
+from .hook import attach, declare_zero_partitions, refuse_pipeline
 
 
 # Arguments of DeepSpeedEngine.__init__ the seam reads or fills in.
@@ -116,6 +116,8 @@ def _before_init(arguments) -> None:
             return  # not autowu's business
         resolved = resolve(raw)
     refuse_client_objects(resolved, arguments.get("optimizer"), arguments.get("lr_scheduler"))
+    if resolved.autowu is not None or isinstance(arguments.get("lr_scheduler"), AutoWU):
+        refuse_pipeline(arguments.get("model"))
     if resolved.autowu is not None:
         # called with the basic optimizer
         arguments["lr_scheduler"] = functools.partial(AutoWU, **resolved.autowu_arguments())

@@ -14,10 +14,19 @@ it on every rank's disk, and says on one line which newer ones it skipped and wh
 
 When ``out_dir`` is each node's own disk (checked with a marker file, not assumed), DeepSpeed's
 ``use_node_local_storage`` makes every node write the model states too, and each node commits its own files
-(its local rank 0), so that every node holds what it needs to resume; all nodes agree on the tag.
+(its local rank 0), so that every node holds what it needs to resume; all nodes agree on the tag, and a node
+resumes only from a record its own node number wrote (a changed hostfile order would hand it another node's
+optimizer shards).
+
+A checkpoint saved before autowu wrote commit records, or by DeepSpeed's own ``save_checkpoint``, has none:
+``python -m autowu.launcher.checkpoints <out_dir>/checkpoints/<tag>`` loads every file of it once (a torn file
+fails to load) and then commits it. DeepSpeed's asynchronous checkpoint writers (``checkpoint.writer.decoupled``,
+``datastates_ckpt``) return before their files exist: the launcher refuses them rather than commit files not
+yet written.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -46,6 +55,12 @@ class Checkpoints:
         """Decide the storage (before the engine is built: it edits ``ds_config``'s checkpoint block)."""
         self.dir = os.path.join(out_dir, "checkpoints")
         self.log = log
+        writer = (ds_config.get("checkpoint") or {}).get("writer") or {}
+        if (isinstance(writer, dict) and writer.get("decoupled")) or "datastates_ckpt" in ds_config:
+            what = "checkpoint.writer.decoupled" if "datastates_ckpt" not in ds_config else "datastates_ckpt"
+            raise ConfigError(f"{source}: {what}: DeepSpeed's asynchronous checkpoint writer returns before the "
+                              "checkpoint's files exist, and the launcher commits a checkpoint only once every file "
+                              "is on disk; remove it (checkpoint.writer without decoupled writes synchronously)")
         self.node_local = not is_shared_path(out_dir)
         if self.node_local:
             # DeepSpeed writes the model states on global rank 0 alone unless told otherwise: another node's
@@ -134,9 +149,17 @@ class Checkpoints:
         try:
             record = self.record(tag)
         except FileNotFoundError:
+            if glob.glob(os.path.join(folder, "*model_states.pt")):
+                return Verdict(tag, "no commit record: its save never finished, or it was saved before autowu wrote "
+                                    "them; if it finished, commit it with: python -m autowu.launcher.checkpoints "
+                                    f"{folder}")
             return Verdict(tag, "no commit record: its save never finished")
         except (OSError, ValueError) as err:
             return Verdict(tag, f"unreadable commit record ({err})")
+        if self.node_local and record.get("node") not in (None, node_rank()):
+            return Verdict(tag, f"committed on node {record['node']}'s disk, read by node {node_rank()}: with "
+                                "node-local storage a node holds its own ranks' shards; start the job with the "
+                                "hostfile in the order it was saved with")
         world, match = dist.get_world_size(), _TAG.match(tag)
         if match is None:  # a universal checkpoint (converted): any number of ranks loads it
             world = record["world_size"]
@@ -188,6 +211,42 @@ class Checkpoints:
         return client_state
 
 
+def commit_existing(folder: str) -> Dict[str, Any]:
+    """Commit a DeepSpeed checkpoint folder that has no commit record (saved before autowu wrote them, or by
+    DeepSpeed's own ``save_checkpoint``), once every file in it loads: a torn file (a save that never finished)
+    fails here, not at resume. Returns the record written."""
+    import torch
+
+    folder = os.path.normpath(folder)
+    model_states = sorted(glob.glob(os.path.join(folder, "*model_states.pt")))
+    if not model_states:
+        raise MissingFileError(f"{folder}: no DeepSpeed model states (*model_states.pt): not a checkpoint folder")
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, folder)
+            if relative == COMMIT_RECORD or ".tmp" in name:
+                continue
+            if name.endswith(".pt"):
+                try:
+                    torch.load(path, map_location="cpu", weights_only=False)
+                except Exception as err:  # noqa: BLE001  (any failure to load: the file is not whole)
+                    raise MissingFileError(f"{path} does not load ({type(err).__name__}: {err}); this checkpoint "
+                                           "is not whole, resume from an older one") from None
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+            files[relative] = os.path.getsize(path)
+    # DeepSpeed keeps the client state (the launcher's epoch) beside its own counters in the model states
+    states = torch.load(model_states[0], map_location="cpu", weights_only=False)
+    match = _TAG.match(os.path.basename(folder))
+    record = {"tag": os.path.basename(folder), "epoch": int(states.get("epoch", match.group(1) if match else 0)),
+              "global_step": int(states.get("global_steps", 0)), "world_size": int(states.get("dp_world_size", 1)),
+              "node": None, "files": files, "committed_after_the_fact": True}
+    write_durably(os.path.join(folder, COMMIT_RECORD), json.dumps(record, indent=1))
+    return record
+
+
 def _to_universal(source: str, target: str) -> None:
     """DeepSpeed's own converter, in a process of its own (it starts worker pools and prints a lot)."""
     import shutil
@@ -200,3 +259,16 @@ def _to_universal(source: str, target: str) -> None:
     if proc.returncode:
         last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
         raise MissingFileError(f"--resume: converting {source} to a universal checkpoint failed: {last}")
+
+
+if __name__ == "__main__":
+    import sys
+    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
+        sys.exit("usage: python -m autowu.launcher.checkpoints <out_dir>/checkpoints/<tag>  (commits a DeepSpeed "
+                 "checkpoint saved without a commit record, once every file of it loads)")
+    try:
+        committed = commit_existing(sys.argv[1])
+    except MissingFileError as err:
+        sys.exit(f"error: {err}")
+    print(f"committed {sys.argv[1]}: {len(committed['files'])} files, epoch {committed['epoch']}, "
+          f"step {committed['global_step']}, {committed['world_size']} rank(s)")

@@ -8,12 +8,17 @@ lives in one place (``autowu.settings``: type, default and help together); unkno
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
-from ..ds_config import load_config
-from ..errors import ConfigError
+from ..data.config import DataConfig
+from ..ds_config import ResolvedConfig, load_config, resolve
+from ..errors import ConfigError, UserError
 from ..settings import from_mapping, setting
+
+# The repository: where data configs named in "train.data_config" and the embedded data live.
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclass(frozen=True)
@@ -58,10 +63,39 @@ def split_config(path: str) -> Tuple[Dict[str, Any], RunSettings]:
     """A ``ds_configs/`` file -> (DeepSpeed's part, the run settings)."""
     config = load_config(path)
     run = RunSettings.from_dict(config.pop("train", {}), source=path)
+    _check_model_name(run, path)
     if "optimizer" not in config:
         raise ConfigError(f"{path}: needs an \"optimizer\" block, e.g. the paper's {{\"type\": \"AdamP\", \"params\": "
                           "{\"weight_decay\": 0.1, \"delta\": 0.1, \"wd_ratio\": 0.1}} (AutoWU sets the LR)")
     return config, run
+
+
+def _check_model_name(run: RunSettings, source: str) -> None:
+    """timm knows the model (asked by name: nothing is built)."""
+    import difflib
+
+    import timm
+    if not timm.is_model(run.model):
+        close = difflib.get_close_matches(run.model, timm.list_models(), n=3, cutoff=0.6)
+        raise ConfigError(f"{source}: train.model {run.model!r} is not a timm model" +
+                          (f"; did you mean {', '.join(close)}?" if close else "; timm.list_models() lists them"))
+
+
+def data_config_of(run: RunSettings) -> DataConfig:
+    """The data config the run names (``train.data_config``, relative to the repository)."""
+    try:
+        return DataConfig.from_json(os.path.join(REPO, run.data_config))
+    except UserError as err:
+        raise type(err)(f"train.data_config: {err}") from None
+
+
+def check_config(path: str, world_size: int) -> Tuple[ResolvedConfig, RunSettings, DataConfig]:
+    """Everything the launcher checks of a ``ds_configs/`` file before it builds anything, on ``world_size``
+    ranks: its ``"train"`` block, the DeepSpeed part (``autowu.ds_config.resolve``) and the data config it names.
+    (The launcher calls the same three, with its own edits to the DeepSpeed part between them.)"""
+    config, run = split_config(path)
+    resolved = resolve(config, source=path, total_epochs=run.epochs, seed=run.seed, world_size=world_size)
+    return resolved, run, data_config_of(run)
 
 
 def warmup_cosine_rerun(config: Dict[str, Any], peak_lr: float) -> Dict[str, Any]:

@@ -33,7 +33,7 @@ import torch.distributed as dist
 import autowu.deepspeed as autowu_ds
 from autowu import environment
 from autowu.batchnorm import gather_batchnorm_statistics, load_batchnorm_statistics, sync_batchnorm_statistics
-from autowu.data import DataConfig, train_loader, val_loader
+from autowu.data import train_loader, val_loader
 from autowu.ds_config import half_precision, load_config, resolve
 from autowu.errors import UserError
 from autowu.jsonfile import write_durably
@@ -42,9 +42,9 @@ from autowu.launcher.console import captured_stdout
 from autowu.launcher.nodes import NodeTable, PeerWatch
 from autowu.launcher.preemption import StopRequests
 from autowu.launcher.processes import at_exit, end_process, exit_now, remove_cpu_shm_buffers
-from autowu.launcher.run_config import RunSettings, split_config, warmup_cosine_rerun
+from autowu.launcher.run_config import REPO, RunSettings, data_config_of, split_config, warmup_cosine_rerun
 from autowu.launcher.runlog import RunLog
-from autowu.launcher.training import (REPO, EpochProgress, build_model, check_batchnorm_statistics, describe_recipe,
+from autowu.launcher.training import (EpochProgress, build_model, check_batchnorm_statistics, describe_recipe,
                                       evaluate, num_classes_of, prepare_data, train_one_epoch)
 from autowu.scheduler import AutoWU
 from autowu.settings import add_cli_overrides, cli_overrides
@@ -112,7 +112,7 @@ def load_settings(args, device):
                            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); check the driver, or "
                            "pass --allow_cpu to run on the CPU on purpose")
     run = dataclasses.replace(run, **cli_overrides(args, RunSettings))
-    return ds_config, run, DataConfig.from_json(os.path.join(REPO, run.data_config))
+    return ds_config, run, data_config_of(run)
 
 
 def route_monitors(ds_config, out_dir):

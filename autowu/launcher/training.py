@@ -17,8 +17,8 @@ from ..data.digits import build_digits_folder
 from ..environment import local_rank
 from ..errors import ConfigError
 from .nodes import is_shared_path
+from .run_config import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def prepare_data(data_dir: Optional[str], run) -> Tuple[Dict[str, str], Dict[str, dict]]:

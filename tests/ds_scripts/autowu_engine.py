@@ -20,6 +20,7 @@ import deepspeed
 from deepspeed.accelerator import get_accelerator
 
 import autowu.deepspeed as autowu_ds
+from autowu import AutoWU
 from autowu.launcher.processes import end_process
 
 parser = argparse.ArgumentParser()
@@ -101,7 +102,7 @@ if args.mode == "resume":
     ckpt = os.path.join(args.out, "ckpt")
     cut = 5 * STEPS_PER_EPOCH + 3  # mid-warmup, mid-epoch
     engine, _, _, scheduler = build()
-    assert isinstance(scheduler, autowu_ds.AutoWU) and engine.lr_scheduler is scheduler
+    assert isinstance(scheduler, AutoWU) and engine.lr_scheduler is scheduler
     saver = lambda s: engine.save_checkpoint(ckpt, tag="cut") if s == cut else None
     result["full_lrs"] = train(engine, scheduler, TOTAL_STEPS, on_step=saver)
     result["full"] = summary(scheduler)
