@@ -40,7 +40,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "default": {"max_warmup_fraction": 0.2, "patience": 2, "spike_threshold": 6.0, "hold": True,
                 "peak_fraction": 1.0, "max_lr_growth_per_test": 1.8, "resume_from_argmin": True,
                 "min_epochs_before_test": 0.0, "peak_highest_of_hold": True, "rollback": True,
-                "scale_free": False},
+                "scale_free": True},
 }
 
 
@@ -80,9 +80,9 @@ class AutoWUOptions:
     rollback_keep: Optional[int] = setting(FROM_MODE, "snapshots held at most (host memory; 6: a peak 1.8^6 = 34x "
                                                       "below the LR at the switch); only where the switch rolls "
                                                       "back")
-    scale_free: bool = setting(FROM_MODE, "the GP test sees the losses in units of their level at the first test, "
-                                          "so that its decisions do not depend on the loss's units (the paper: "
-                                          "the losses as they are)")
+    scale_free: bool = setting(FROM_MODE, "the GP test sees the losses in units fixed by their level at the first "
+                                          "test, so that its decisions do not depend on the loss's units (the "
+                                          "paper: the losses as they are)")
 
     def __post_init__(self):
         _choice("mode", self.mode, MODES)

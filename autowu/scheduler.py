@@ -39,6 +39,11 @@ from .schedule import Schedule
 from .spikes import usable_losses
 from .switch import SWITCH, SwitchRule
 
+# The level the GP sees the losses start at, with ``scale_free``: ln 10, a 10-class cross-entropy at initialisation,
+# where the GP's fixed constants (noise floor and initial noise, jitter) and the default mode were measured.
+SCALE_FREE_LEVEL = math.log(10)
+
+
 @dataclass
 class TestRecord:
     """One GP test as ``AutoWU.history`` keeps it (as a dict: logs and checkpoints hold plain data)."""
@@ -308,14 +313,15 @@ class AutoWU:
         return record, result, losses, usable
 
     def _unit_of(self, losses: np.ndarray, usable: np.ndarray) -> float:
-        """What the GP sees as one loss unit: with ``scale_free``, the mean magnitude of the usable losses at the
-        first test (kept from then on, so that the GP's hyperparameters carried from test to test stay in one
-        unit); otherwise 1, the losses as they are (the paper)."""
+        """What the GP sees as one loss unit: with ``scale_free``, the one that puts the mean magnitude of the
+        usable losses at the first test at ``SCALE_FREE_LEVEL`` (kept from then on, so that the GP's
+        hyperparameters carried from test to test stay in one unit); otherwise 1, the losses as they are (the
+        paper)."""
         if not self.options.scale_free:
             return 1.0
         if self._loss_unit is None:
-            level = float(np.mean(np.abs(losses[usable]))) if usable.any() else 1.0
-            self._loss_unit = level if math.isfinite(level) and level > 0 else 1.0
+            level = float(np.mean(np.abs(losses[usable]))) if usable.any() else SCALE_FREE_LEVEL
+            self._loss_unit = level / SCALE_FREE_LEVEL if math.isfinite(level) and level > 0 else 1.0
         return self._loss_unit
 
     def _gp_result(self, losses: np.ndarray, usable: np.ndarray, record: TestRecord) -> Optional[GPTestResult]:

@@ -1,5 +1,7 @@
 """The launcher's configs and its checks of bad input, without starting a run."""
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -161,3 +163,17 @@ def test_the_rerun_config_is_the_same_recipe_at_autowus_peak_with_a_fixed_warmup
                                                 "warmup_min_ratio": 0.0, "cos_min_ratio": 0.0, "warmup_type": "linear"}
     with pytest.raises(ValueError, match="peak LR > 0"):
         warmup_cosine_rerun(original, float("nan"))
+
+
+@pytest.mark.parametrize("raised,code,shows", [("UserError", 2, "[train] error: the user's mistake"),
+                                               ("ValueError", 1, "Traceback")])
+def test_the_launcher_shows_a_users_error_in_one_line_and_its_own_bugs_with_their_traceback(raised, code, shows):
+    """Only the package's own error class for what the user can fix is one line; any other error, a ValueError
+    from a bug inside the package included, keeps its traceback."""
+    script = (f"import autowu.launcher.train as train\nfrom autowu.errors import UserError\n"
+              f"def main(argv=None):\n    raise {raised}(\"the user's mistake\")\n"
+              "train.main = main\ntrain.cli([])\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert shows in proc.stderr
+    assert ("Traceback" in proc.stderr) == (raised != "UserError")

@@ -146,6 +146,22 @@ def test_a_torn_checkpoint_is_skipped_for_the_last_whole_one(betons, tmp_path):
     again = run_deepspeed(train_args(betons, run_dir, "--resume", "--stop_after_epoch", "3", config=every_epoch))
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resume: skipped epoch3 (no commit record: its save never finished" in again.stdout
+    # A whole checkpoint without its record (an older autowu's, or DeepSpeed's own save): the command the message
+    # names commits it once every file loads, and the next resume takes it; a torn one it refuses.
+    command = f"python -m autowu.launcher.checkpoints {run_dir}/checkpoints/epoch3"
+    assert command in again.stdout
+    committed = subprocess.run([str(BIN / "python"), "-m", "autowu.launcher.checkpoints",
+                                str(run_dir / "checkpoints" / "epoch3")], cwd=REPO, capture_output=True, text=True)
+    assert committed.returncode == 0 and "epoch 3" in committed.stdout and "2 rank(s)" in committed.stdout, \
+        committed.stdout + committed.stderr
+    (run_dir / "checkpoints" / "epoch2" / "commit.json").unlink()
+    torn = subprocess.run([str(BIN / "python"), "-m", "autowu.launcher.checkpoints",
+                           str(run_dir / "checkpoints" / "epoch2")], cwd=REPO, capture_output=True, text=True)
+    assert torn.returncode == 1 and "zero_pp_rank_1_mp_rank_00_optim_states.pt does not load" in torn.stderr
+    assert not (run_dir / "checkpoints" / "epoch2" / "commit.json").exists()
+    last = run_deepspeed(train_args(betons, run_dir, "--resume", "--stop_after_epoch", "4", config=every_epoch))
+    assert last.returncode == 0, last.stdout[-3000:] + last.stderr[-3000:]
+    assert f"resumed from {run_dir}/checkpoints/epoch3 at epoch 3" in last.stdout
 
 
 def test_ctrl_c_leaves_no_process_and_no_shared_memory(betons, tmp_path):
@@ -158,7 +174,8 @@ def test_ctrl_c_leaves_no_process_and_no_shared_memory(betons, tmp_path):
     assert leftovers(run_dir, port) == ([], [])
 
 
-@pytest.mark.parametrize("case", ["misspelt_key", "missing_beton", "no_checkpoint", "world_size", "bad_value"])
+@pytest.mark.parametrize("case", ["misspelt_key", "missing_beton", "no_checkpoint", "world_size", "bad_value",
+                                  "cooldown_fraction", "betas", "fp16_true", "params_null", "stage_one"])
 def test_a_users_mistake_is_one_line_and_exit_code_2(betons, tmp_path, case):
     config = json.loads(CONFIG.read_text())
     args, expected = ["--data_dir", betons], None
@@ -175,11 +192,30 @@ def test_a_users_mistake_is_one_line_and_exit_code_2(betons, tmp_path, case):
     elif case == "bad_value":
         config["scheduler"]["params"]["min_lr"] = "1e-5"
         expected = "scheduler AutoWU params.min_lr: expected a number, got '1e-5'"
+    elif case == "cooldown_fraction":  # once an IndexError at the first step
+        config["scheduler"]["params"].update(immediate_cooldown=False, cooldown_fraction=1)
+        expected = "cooldown_fraction 1 without immediate_cooldown starts the cooldown at the first step"
+    elif case == "betas":  # once a TypeError
+        config["optimizer"]["params"]["betas"] = 0.9
+        expected = "optimizer AdamP params.betas: expected a list of 2 numbers, got 0.9"
+    elif case == "fp16_true":  # once an AttributeError
+        config["fp16"] = True
+        expected = "\"fp16\" must be an object, got true"
+    elif case == "params_null":  # once an AttributeError
+        config["scheduler"]["params"] = None
+        config["train"]["epochs"] = 2
+        args, expected = args + ["--stop_after_epoch", "1"], None
+    elif case == "stage_one":  # once "invalid literal for int() with base 10: 'one'"
+        config["zero_optimization"]["stage"] = "one"
+        expected = "zero_optimization.stage must be 0, 1, 2 or 3, got 'one'"
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     proc = run_deepspeed([REPO / "launch" / "train.py", "--deepspeed_config", path, "--out_dir", tmp_path / "run",
                           *args])
     output = proc.stdout + proc.stderr
+    if expected is None:  # accepted: "params": null is AutoWU with its defaults
+        assert proc.returncode == 0 and "stopping after epoch 1 as asked" in output, output[-3000:]
+        return
     assert proc.returncode == 2, output[-3000:]
     errors = [line for line in output.splitlines() if line.startswith("[train] error")]
     assert errors == [f"[train] error: {errors[0].split(': ', 1)[1]}"] and expected in errors[0], output[-3000:]

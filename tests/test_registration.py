@@ -86,7 +86,8 @@ def test_plain_deepspeed_initialize_builds_autowu_and_adamp_from_the_json(tmp_pa
         # deepspeed.initialize with the counts in the JSON, or total_num_steps: the very same run, step for step
         # (ZeroAdamP on ZeRO-1's partitions: training would raise if they had not been declared).
         assert rank["plain_epochs"] == reference and rank["plain_total_steps"] == reference
-        assert rank["plain_no_counts"].startswith("ValueError: scheduler AutoWU needs steps_per_epoch and total_epochs")
+        assert rank["plain_no_counts"].startswith("ConfigError: DeepSpeed config: scheduler AutoWU needs steps_per_epoch "
+                                                  "and total_epochs")
         assert "unknown key 'zero_optimisation' (did you mean 'zero_optimization'?)" in rank["plain_misspelt_key"]
         assert rank["fp16_raises_at_min_scale"] is False
 

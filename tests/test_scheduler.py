@@ -462,3 +462,31 @@ def test_the_schedule_is_a_pure_function_without_an_optimizer():
     assert shape.lr(100, decided) == pytest.approx(shape.warmup_lr(70))
     assert shape.lr(120, decided) == 0.01 and shape.lr(1000, decided) == 0.0
     assert shape.lr(560, decided) == pytest.approx(0.005)  # halfway from the switch to the end: half the peak
+
+
+def test_the_default_modes_decisions_do_not_depend_on_the_losss_units():
+    """A recorded real curve (digits_cnn_adamp, seed 3, the default mode's run up to its switch) in other units:
+    the default mode takes the same decisions at 0.01x, 0.25x (a loss divided by 4 micro-batches) and 100x; the
+    paper's mode fits the losses as they are, and its decisions move with them."""
+    fixture = json.loads((REPO / "tests" / "fixtures" / "digits_cnn_adamp_seed3_default_hold.json").read_text())
+
+    def run(scale, **kwargs):
+        sched = make(steps_per_epoch=fixture["steps_per_epoch"], total_epochs=fixture["total_epochs"],
+                     immediate_cooldown=True, **kwargs)
+        for loss in fixture["losses"]:
+            sched.step(float(loss) * scale)
+            if sched.phase != "warmup":
+                break
+        return sched
+
+    reference = run(1.0)
+    assert reference.switch_step == fixture["recorded"]["switch_step"]
+    for scale in (0.01, 0.25, 100.0):
+        scaled = run(scale)
+        assert scaled.switch_step == reference.switch_step
+        assert scaled.peak_lr == pytest.approx(reference.peak_lr, rel=1e-9)
+        assert [r["passed"] for r in scaled.history] == [r["passed"] for r in reference.history]
+        assert [r["probability"] for r in scaled.history] == pytest.approx(
+            [r["probability"] for r in reference.history], abs=1e-6)
+    paper = [run(scale, mode="paper").history for scale in (1.0, 100.0)]
+    assert [r["probability"] for r in paper[0]] != pytest.approx([r["probability"] for r in paper[1]], abs=1e-3)

@@ -102,13 +102,19 @@ def scan_image_folder(root: str, num_workers: int = 0, progress: bool = True) ->
     bar = tqdm(total=len(paths), desc=f"checking {os.path.basename(os.path.normpath(root))}",
                unit="img", disable=not progress)
     if workers > 1 and len(paths) > 200:
-        # The workers take the default signal actions: a handler inherited from the parent (a launcher's stop
-        # handler) would keep them alive through the SIGTERM that ends the pool.
-        with Pool(workers, initializer=_default_signals) as pool:
+        # The workers take the default signal actions (a handler inherited from the parent, such as a launcher's
+        # stop handler, would keep them alive through a signal that should end them), and the pool ends by closing:
+        # its workers exit on their own, no SIGTERM is sent to them.
+        pool = Pool(workers, initializer=_default_signals)
+        try:
             checks = []
             for item in pool.imap(_check_one, paths, chunksize=64):
                 checks.append(item)
                 bar.update()
+            pool.close()
+            pool.join()
+        finally:
+            pool.terminate()
     else:
         checks = []
         for p in paths:

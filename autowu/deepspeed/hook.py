@@ -211,14 +211,15 @@ def attach(engine) -> AutoWULossHook:
     if rollback is not None and not isinstance(rollback, EngineRollback):
         config = engine._config._param_dict
         where = rollback_unsupported(config)
-        try:
-            if where:
-                raise ConfigError(f"AutoWU: rollback with {where} is not supported")
-            scheduler.use_rollback(EngineRollback(engine, rollback.keep))
-        except ConfigError as err:
-            if asks_for_rollback(config):
-                raise
-            warnings.warn(f"AutoWU: the default mode's rollback at the switch is off for this engine ({err}); the "
+        if not where:
+            try:
+                scheduler.use_rollback(EngineRollback(engine, rollback.keep))
+            except ConfigError as err:  # an optimizer wrapper autowu cannot put back
+                if asks_for_rollback(config):
+                    raise
+                where = str(err)
+        if where:
+            warnings.warn(f"AutoWU: the default mode's rollback at the switch is off for this engine ({where}); the "
                           "switch keeps the state trained past the peak", RuntimeWarning)
             scheduler.use_rollback(None)
     engine.autowu_hook = AutoWULossHook(engine, scheduler)

@@ -11,9 +11,9 @@ every process of a step): a repeat within ``relay_window_s`` of the first is the
 window, or no checkpoint within ``timeout_s`` of the first (DeepSpeed's launcher kills its ranks 30 s after
 relaying), ends the process at once (``autowu.launcher.processes.exit_now``).
 
-A process forked after the handler was installed (a worker pool) inherits it; there a signal ends the process as
-it would have without the handler: a pool's workers, which their pool ends with SIGTERM, must not wait out the
-watchdog.
+A process forked after the handler was installed (a worker pool) inherits it; there a signal ends the process at
+once, as it would have without the handler: a pool's workers, which their pool ends with SIGTERM, must not wait
+out the watchdog.
 """
 from __future__ import annotations
 
@@ -48,10 +48,8 @@ class StopRequests:
         self._previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
 
     def _on_signal(self, signum, frame) -> None:
-        if os.getpid() != self._pid:  # a forked child: the default action, as if never installed
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
+        if os.getpid() != self._pid:  # a forked child (a pool's worker): end it, as the signal would have
+            os._exit(128 + signum)
         now = time.monotonic()
         if self.signum is None:
             self.signum, self._first_at = signum, now
