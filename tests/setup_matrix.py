@@ -84,7 +84,7 @@ def markdown_table() -> str:
     """The table of docs/setups.md."""
     rows = ["| set-up | ranks tested | what happens |", "|---|---|---|"]
     for cell in CELLS:
-        outcome = (f"trains; AutoWU gets the step's mean loss" if cell.trains and cell.autowu else
+        outcome = ("trains; AutoWU gets the step's mean loss" if cell.trains and cell.autowu else
                    "trains; DeepSpeed's scheduler, no hook" if cell.trains else f"refused: \"{cell.refused} ...\"")
         rows.append(f"| {cell.what} | {', '.join(map(str, cell.ranks))} | {outcome} |")
     return "\n".join(rows)

@@ -3,6 +3,8 @@ later signal or a checkpoint that never comes ends the process at once, with 128
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 SCRIPT = r"""
@@ -53,6 +55,7 @@ print(f"checked after {time.monotonic() - started:.1f} s", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_the_image_checks_pool_ends_at_once_under_a_stop_handler(tmp_path):
     """The image check's workers take the default signal actions and end by closing, not by SIGTERM: the
     README's first run once lost 25 s at its end (workers that inherited the stop handler waited out its watchdog)

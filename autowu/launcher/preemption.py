@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from ..errors import ConfigError
 from .nodes import collective_device
-from .processes import exit_now
+from .processes import exit_forked_child, exit_now
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -49,7 +49,7 @@ class StopRequests:
 
     def _on_signal(self, signum, frame) -> None:
         if os.getpid() != self._pid:  # a forked child (a pool's worker): end it, as the signal would have
-            os._exit(128 + signum)
+            exit_forked_child(128 + signum)
         now = time.monotonic()
         if self.signum is None:
             self.signum, self._first_at = signum, now

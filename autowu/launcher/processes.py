@@ -55,6 +55,12 @@ def exit_now(code: int, run_atexit: bool = False) -> None:
     os._exit(code)
 
 
+def exit_forked_child(code: int) -> None:
+    """End a process forked from a launcher process (a library's worker pool) at once, without the parent's
+    clean-ups: they belong to the parent (its DeepSpeed buffers, its files)."""
+    os._exit(code)
+
+
 def end_process(exit_code: int = 0) -> None:
     """End a DeepSpeed rank that finished: a barrier, the process groups destroyed, atexit handlers run (DeepSpeed's
     /dev/shm files, loggers), then ``exit_now``."""
