@@ -106,7 +106,9 @@ def deepspeed_config_keys() -> frozenset:
         raise RuntimeError(f"autowu: DeepSpeed {_deepspeed_version()}'s config parser no longer reads the config "
                            "key by key as autowu.ds_config.deepspeed_config_keys expects; update it")
     names = {v for k, v in vars(constants).items() if k.isupper() and isinstance(v, str)}
-    return frozenset(recorder.asked | names)
+    # Read by deepspeed.initialize itself, not by the parser (Ulysses sequence parallelism's mesh)
+    initialize_reads = {"sequence_parallel_size", "data_parallel_size"}
+    return frozenset(recorder.asked | names | initialize_reads)
 
 
 def _deepspeed_version() -> str:
@@ -135,6 +137,8 @@ def _block(config: Dict[str, Any], key: str) -> Dict[str, Any]:
 
 
 def zero_stage(config: Dict[str, Any]) -> int:
+    if isinstance(config.get("zero_optimization"), bool):  # DeepSpeed's deprecated form: true is stage 1
+        return int(config["zero_optimization"])
     stage = _block(config, "zero_optimization").get("stage", 0)
     if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage <= 3:
         raise ConfigError(f"DeepSpeed config: zero_optimization.stage must be 0, 1, 2 or 3, got {shown(stage)}")
@@ -191,8 +195,15 @@ def rollback_unsupported(config: Dict[str, Any]) -> Optional[str]:
 # ---------------------------------------------------------------------------------------------- the resolved config
 class _DeepSpeedDict(dict):
     """The dict handed to DeepSpeed, carrying the resolution it came from (DeepSpeed keeps the very object as
-    ``DeepSpeedConfig._param_dict``, where the engine seam finds it)."""
+    ``DeepSpeedConfig._param_dict``, where the engine seam finds it). A copy is a plain dict: Accelerate and
+    Hugging Face copy a config and then fill in its "auto" values, and that copy must be resolved anew."""
     resolution: "ResolvedConfig"
+
+    def __copy__(self):
+        return dict(self)
+
+    def __deepcopy__(self, memo):
+        return copy.deepcopy(dict(self), memo)
 
 
 @dataclass(frozen=True)
@@ -440,7 +451,8 @@ def _adamp_block(config: Dict[str, Any], source: str, stage: int, precision: Opt
         raise ConfigError(f"{source}: optimizer AdamP with ZeRO stage 3: not supported (its projection needs each "
                           "parameter's channels, which autowu maps for ZeRO's flat partitions of stage 1 and 2 "
                           "only); use \"zero_optimization\": {\"stage\": 1} or 2")
-    offload = (_block(config, "zero_optimization").get("offload_optimizer") or {})
+    zero = config.get("zero_optimization")
+    offload = (zero.get("offload_optimizer") or {}) if isinstance(zero, dict) else {}
     if isinstance(offload, dict) and offload.get("device") not in (None, "none"):
         raise ConfigError(f"{source}: optimizer AdamP with zero_optimization.offload_optimizer (device "
                           f"{offload.get('device')!r}): not supported (autowu's AdamP all-reduces its per-channel "
@@ -464,11 +476,18 @@ def _refuse_precision_mixes(config: Dict[str, Any], stage: int, precision: Optio
     """Gradient accumulation in another precision than the model's: DeepSpeed 0.19.8 builds an engine for it only
     with ZeRO (and for bf16 with fp32 accumulation on ZeRO-1, its BF16_Optimizer); without ZeRO it raises
     NotImplementedError at the engine's construction."""
+    from deepspeed.runtime.config import DtypeEnum
+
     accumulate = _block(config, "data_types").get("grad_accum_dtype")
     model = {"fp16": "fp16", "bf16": "bf16", "bfloat16": "bf16", None: "fp32"}[precision]
     if accumulate is None or stage > 0:
         return
-    if {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(accumulate, accumulate) != model:
+    try:
+        accumulated = DtypeEnum(accumulate).name   # any of DeepSpeed's spellings: "float", "torch.float32", ...
+    except ValueError:
+        raise ConfigError(f"{source}: data_types.grad_accum_dtype: invalid {accumulate!r}; allowed: fp32, fp16, "
+                          "bf16 (or DeepSpeed's other spellings of them)") from None
+    if accumulated != model:
         raise ConfigError(f"{source}: data_types.grad_accum_dtype {accumulate!r} with a {model} model needs ZeRO "
                           "(\"zero_optimization\": {\"stage\": 1} or 2); DeepSpeed has no engine for that mix "
                           "without it")

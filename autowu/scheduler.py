@@ -393,7 +393,9 @@ class AutoWU:
 
     def load_state_dict(self, state: Dict) -> None:
         mine = self.state_dict_settings()
-        mismatched = {k: (v, mine.get(k)) for k, v in state["settings"].items() if mine.get(k) != v}
+        # A checkpoint from before scale_free existed fitted the losses as they were.
+        saved = {"scale_free": False, **state["settings"]}
+        mismatched = {k: (v, mine.get(k)) for k, v in saved.items() if mine.get(k) != v}
         if mismatched:
             raise ConfigError("AutoWU.load_state_dict: the checkpoint was made with other settings "
                              + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in mismatched.items()))

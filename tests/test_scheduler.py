@@ -490,3 +490,18 @@ def test_the_default_modes_decisions_do_not_depend_on_the_losss_units():
             [r["probability"] for r in reference.history], abs=1e-6)
     paper = [run(scale, mode="paper").history for scale in (1.0, 100.0)]
     assert [r["probability"] for r in paper[0]] != pytest.approx([r["probability"] for r in paper[1]], abs=1e-3)
+
+
+def test_a_checkpoint_from_before_scale_free_resumes_only_as_it_ran():
+    """Checkpoints saved before ``scale_free`` existed fitted the losses as they were: the default mode (scale-free)
+    refuses them, naming the option, and resumes them with ``scale_free=False``."""
+    sched = make()
+    for step in range(40):
+        sched.step(2.3 - 0.01 * step)
+    state = sched.state_dict()
+    del state["settings"]["scale_free"]
+    with pytest.raises(ValueError, match="scale_free=False \\(now True\\)"):
+        make().load_state_dict(state)
+    resumed = make(scale_free=False)
+    resumed.load_state_dict(state)
+    assert resumed.last_step == 40

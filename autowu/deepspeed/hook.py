@@ -52,8 +52,9 @@ class AutoWULossHook:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
             scheduler.connect_ranks(_AllReduceMean(group), _BroadcastFromFirstRank(group))
 
-    def backward(self, loss, *args, **kwargs):
-        summed = not kwargs.get("scale_wrt_gas", True)
+    def backward(self, loss, retain_graph=False, scale_wrt_gas=True, **kwargs):
+        """``DeepSpeedEngine.backward``'s own signature, so that ``scale_wrt_gas`` is read however it is passed."""
+        summed = not scale_wrt_gas
         if self._summed is not None and summed != self._summed:
             raise ConfigError("engine.backward was called with and without scale_wrt_gas=False within one optimizer "
                               "step: AutoWU cannot tell the step's loss (the mean of losses DeepSpeed scales, or the "
@@ -62,7 +63,7 @@ class AutoWULossHook:
         detached = loss.detach().float()
         self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
         self._micro_batches += 1
-        return self._engine_backward(loss, *args, **kwargs)
+        return self._engine_backward(loss, retain_graph=retain_graph, scale_wrt_gas=scale_wrt_gas, **kwargs)
 
     def step(self, *args, **kwargs):
         # Where the caller owns the accumulation ("managed_gradient_accumulation": false), every engine.step() is

@@ -18,9 +18,9 @@ When ``out_dir`` is each node's own disk (checked with a marker file, not assume
 resumes only from a record its own node number wrote (a changed hostfile order would hand it another node's
 optimizer shards).
 
-A checkpoint saved before autowu wrote commit records, or by DeepSpeed's own ``save_checkpoint``, has none:
-``python -m autowu.launcher.checkpoints <out_dir>/checkpoints/<tag>`` loads every file of it once (a torn file
-fails to load) and then commits it. DeepSpeed's asynchronous checkpoint writers (``checkpoint.writer.decoupled``,
+A checkpoint of the launcher's saved before autowu wrote commit records has none: ``python -m
+autowu.launcher.checkpoints <out_dir>/checkpoints/<tag>`` (``--node N`` on each node, for node-local storage)
+loads every file of it once (a torn file fails to load) and then commits it. DeepSpeed's asynchronous checkpoint writers (``checkpoint.writer.decoupled``,
 ``datastates_ckpt``) return before their files exist: the launcher refuses them rather than commit files not
 yet written.
 """
@@ -56,8 +56,9 @@ class Checkpoints:
         self.dir = os.path.join(out_dir, "checkpoints")
         self.log = log
         writer = (ds_config.get("checkpoint") or {}).get("writer") or {}
-        if (isinstance(writer, dict) and writer.get("decoupled")) or "datastates_ckpt" in ds_config:
-            what = "checkpoint.writer.decoupled" if "datastates_ckpt" not in ds_config else "datastates_ckpt"
+        datastates = ds_config.get("datastates_ckpt") not in (None, False)  # DeepSpeed: on unless false
+        if (isinstance(writer, dict) and writer.get("decoupled")) or datastates:
+            what = "datastates_ckpt" if datastates else "checkpoint.writer.decoupled"
             raise ConfigError(f"{source}: {what}: DeepSpeed's asynchronous checkpoint writer returns before the "
                               "checkpoint's files exist, and the launcher commits a checkpoint only once every file "
                               "is on disk; remove it (checkpoint.writer without decoupled writes synchronously)")
@@ -95,16 +96,7 @@ class Checkpoints:
 
     def _commit(self, tag: str, epoch: int, global_step: int, latest: bool = True) -> None:
         folder = os.path.join(self.dir, tag)
-        files = {}
-        for root, _, names in os.walk(folder):
-            for name in sorted(names):
-                path = os.path.join(root, name)
-                relative = os.path.relpath(path, folder)
-                if relative == COMMIT_RECORD or ".tmp" in name:
-                    continue
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())  # on the disk before the record says it is: a crash cannot tear it
-                files[relative] = os.path.getsize(path)
+        files = _flushed_files(folder)
         record = {"tag": tag, "epoch": epoch, "global_step": global_step, "world_size": dist.get_world_size(),
                   "node": node_rank() if self.node_local else None, "files": files}
         write_durably(os.path.join(folder, COMMIT_RECORD), json.dumps(record, indent=1))
@@ -156,7 +148,11 @@ class Checkpoints:
             return Verdict(tag, "no commit record: its save never finished")
         except (OSError, ValueError) as err:
             return Verdict(tag, f"unreadable commit record ({err})")
-        if self.node_local and record.get("node") not in (None, node_rank()):
+        if self.node_local and record.get("node") is None:
+            return Verdict(tag, "its commit record names no node, and with node-local storage a node holds its "
+                                "own ranks' shards: commit it on each node with python -m "
+                                f"autowu.launcher.checkpoints {folder} --node <that node's number>")
+        if self.node_local and record["node"] != node_rank():
             return Verdict(tag, f"committed on node {record['node']}'s disk, read by node {node_rank()}: with "
                                 "node-local storage a node holds its own ranks' shards; start the job with the "
                                 "hostfile in the order it was saved with")
@@ -211,38 +207,53 @@ class Checkpoints:
         return client_state
 
 
-def commit_existing(folder: str) -> Dict[str, Any]:
-    """Commit a DeepSpeed checkpoint folder that has no commit record (saved before autowu wrote them, or by
-    DeepSpeed's own ``save_checkpoint``), once every file in it loads: a torn file (a save that never finished)
-    fails here, not at resume. Returns the record written."""
+def _files_to_commit(folder: str) -> Dict[str, str]:
+    """Every file of a checkpoint folder but its commit record and temporary files: relative name -> path."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, folder)
+            if relative != COMMIT_RECORD and ".tmp" not in name:
+                files[relative] = path
+    return files
+
+
+def _flushed_files(folder: str) -> Dict[str, int]:
+    """Each file of the folder flushed to the disk (before the record says it is there: a crash cannot tear it),
+    and its size."""
+    sizes = {}
+    for relative, path in _files_to_commit(folder).items():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        sizes[relative] = os.path.getsize(path)
+    return sizes
+
+
+def commit_existing(folder: str, node: Optional[int] = None) -> Dict[str, Any]:
+    """Commit a launcher checkpoint folder that has no commit record (saved before autowu wrote them), once every
+    file in it loads: a torn file (a save that never finished) fails here, not at resume. ``node``: the node whose
+    disk this is, for node-local storage. Returns the record written."""
     import torch
 
     folder = os.path.normpath(folder)
     model_states = sorted(glob.glob(os.path.join(folder, "*model_states.pt")))
     if not model_states:
         raise MissingFileError(f"{folder}: no DeepSpeed model states (*model_states.pt): not a checkpoint folder")
-    files = {}
-    for root, _, names in os.walk(folder):
-        for name in sorted(names):
-            path = os.path.join(root, name)
-            relative = os.path.relpath(path, folder)
-            if relative == COMMIT_RECORD or ".tmp" in name:
-                continue
-            if name.endswith(".pt"):
-                try:
-                    torch.load(path, map_location="cpu", weights_only=False)
-                except Exception as err:  # noqa: BLE001  (any failure to load: the file is not whole)
-                    raise MissingFileError(f"{path} does not load ({type(err).__name__}: {err}); this checkpoint "
-                                           "is not whole, resume from an older one") from None
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-            files[relative] = os.path.getsize(path)
+    for path in _files_to_commit(folder).values():
+        if path.endswith(".pt"):
+            try:
+                torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as err:  # noqa: BLE001  (any failure to load: the file is not whole)
+                raise MissingFileError(f"{path} does not load ({type(err).__name__}: {err}); this checkpoint is "
+                                       "not whole, resume from an older one") from None
+    files = _flushed_files(folder)
     # DeepSpeed keeps the client state (the launcher's epoch) beside its own counters in the model states
     states = torch.load(model_states[0], map_location="cpu", weights_only=False)
     match = _TAG.match(os.path.basename(folder))
     record = {"tag": os.path.basename(folder), "epoch": int(states.get("epoch", match.group(1) if match else 0)),
               "global_step": int(states.get("global_steps", 0)), "world_size": int(states.get("dp_world_size", 1)),
-              "node": None, "files": files, "committed_after_the_fact": True}
+              "node": node, "files": files, "committed_after_the_fact": True}
     write_durably(os.path.join(folder, COMMIT_RECORD), json.dumps(record, indent=1))
     return record
 
@@ -262,13 +273,16 @@ def _to_universal(source: str, target: str) -> None:
 
 
 if __name__ == "__main__":
+    import argparse
     import sys
-    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
-        sys.exit("usage: python -m autowu.launcher.checkpoints <out_dir>/checkpoints/<tag>  (commits a DeepSpeed "
-                 "checkpoint saved without a commit record, once every file of it loads)")
+    parser = argparse.ArgumentParser(description="Commit a launcher checkpoint saved without a commit record, once "
+                                                 "every file of it loads.")
+    parser.add_argument("folder", help="<out_dir>/checkpoints/<tag>")
+    parser.add_argument("--node", type=int, default=None, help="this disk's node (node-local checkpoints only)")
+    cli = parser.parse_args()
     try:
-        committed = commit_existing(sys.argv[1])
+        committed = commit_existing(cli.folder, cli.node)
     except MissingFileError as err:
         sys.exit(f"error: {err}")
-    print(f"committed {sys.argv[1]}: {len(committed['files'])} files, epoch {committed['epoch']}, "
+    print(f"committed {cli.folder}: {len(committed['files'])} files, epoch {committed['epoch']}, "
           f"step {committed['global_step']}, {committed['world_size']} rank(s)")
