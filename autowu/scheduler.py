@@ -357,7 +357,7 @@ class AutoWU:
                                  "losses": losses.tolist(), "usable": usable.tolist()}
 
     def reduce_pending_losses(self) -> None:
-        """All-reduce (through ``loss_reducer``) the losses buffered since the last reduction.
+        """All-reduce (through ``connect_ranks``' ``loss_reducer``) the losses buffered since the last reduction.
 
         Called before each test, and by the DeepSpeed hook before a checkpoint (a collective, so on every
         rank): a checkpoint then holds the ranks' mean losses, not one rank's own.

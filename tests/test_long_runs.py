@@ -3,6 +3,7 @@ resumes as the unbroken run, a torn checkpoint is skipped for the last whole one
 and a user's mistake is one line and exit code 2."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -154,11 +155,15 @@ def test_a_torn_checkpoint_is_skipped_for_the_last_whole_one(betons, tmp_path):
                                 str(run_dir / "checkpoints" / "epoch3")], cwd=REPO, capture_output=True, text=True)
     assert committed.returncode == 0 and "epoch 3" in committed.stdout and "2 rank(s)" in committed.stdout, \
         committed.stdout + committed.stderr
-    (run_dir / "checkpoints" / "epoch2" / "commit.json").unlink()
-    torn = subprocess.run([str(BIN / "python"), "-m", "autowu.launcher.checkpoints",
-                           str(run_dir / "checkpoints" / "epoch2")], cwd=REPO, capture_output=True, text=True)
+    torn_copy = run_dir / "checkpoints" / "epoch7"   # a copy of it without its record, one shard cut short
+    shutil.copytree(run_dir / "checkpoints" / "epoch3", torn_copy)
+    (torn_copy / "commit.json").unlink()
+    with open(torn_copy / "zero_pp_rank_1_mp_rank_00_optim_states.pt", "r+b") as f:
+        f.truncate(f.seek(0, 2) // 2)
+    torn = subprocess.run([str(BIN / "python"), "-m", "autowu.launcher.checkpoints", str(torn_copy)], cwd=REPO,
+                          capture_output=True, text=True)
     assert torn.returncode == 1 and "zero_pp_rank_1_mp_rank_00_optim_states.pt does not load" in torn.stderr
-    assert not (run_dir / "checkpoints" / "epoch2" / "commit.json").exists()
+    assert not (torn_copy / "commit.json").exists()
     last = run_deepspeed(train_args(betons, run_dir, "--resume", "--stop_after_epoch", "4", config=every_epoch))
     assert last.returncode == 0, last.stdout[-3000:] + last.stderr[-3000:]
     assert f"resumed from {run_dir}/checkpoints/epoch3 at epoch 3" in last.stdout

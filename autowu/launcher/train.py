@@ -282,7 +282,7 @@ def log_epoch(log, engine, epoch, epochs, trained, result, seconds, autowu):
 def write_rerun_config(log, out_dir, config_path, run, autowu):
     """Rank 0: once AutoWU has switched, ``warmup_cosine.json`` in the run directory: this run's config (its
     "train" block as run, command-line overrides included) with AutoWU replaced by a fixed warmup and cosine to
-    the peak it found (``autowu.run_config.warmup_cosine_rerun``), to train the recipe again without the search.
+    the peak it found (``autowu.launcher.run_config.warmup_cosine_rerun``), to train the recipe again without the search.
     Returns its path, or None."""
     # (A peak that is not a positive number writes nothing: the end of a finished run is no place for an error.)
     if not (autowu and autowu.switch_step is not None and log.is_writer and (autowu.peak_lr or 0) > 0):
