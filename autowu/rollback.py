@@ -33,8 +33,7 @@ from .errors import ConfigError, MissingFileError, UserError
 
 class SwitchRollback:
     def __init__(self, optimizer: torch.optim.Optimizer, modules: Sequence[torch.nn.Module], keep: int = 6):
-        if int(keep) != keep or keep < 1:
-            raise ValueError(f"AutoWU: rollback_keep must be a positive integer, got {keep!r}")
+        # ``keep`` is AutoWU's rollback_keep, checked where it is declared (``autowu.options``)
         self.optimizer = optimizer
         self.modules = list(modules)
         self.keep = int(keep)

@@ -31,10 +31,7 @@ RAMP, HOLD, SWITCH = "ramp", "hold", "switch"
 class SwitchRule:
     def __init__(self, patience: int = 3, hold: bool = False, peak_fraction: float = 1.0,
                  resume_from_argmin: bool = False, peak_highest_of_hold: bool = False):
-        if int(patience) != patience or patience < 1:
-            raise ValueError(f"AutoWU: patience must be a positive integer, got {patience!r}")
-        if not 0 < peak_fraction <= 1:
-            raise ValueError(f"AutoWU: peak_fraction must be in (0, 1], got {peak_fraction!r}")
+        # The values are AutoWU's options, checked where they are declared (``autowu.options``).
         self.patience = int(patience)
         self.hold = bool(hold)
         self.peak_fraction = float(peak_fraction)

@@ -40,6 +40,10 @@ class AutoWULossHook:
         self._loss_sum: Optional[torch.Tensor] = None
         self._micro_batches = 0
         self._summed = None   # whether this step's losses are summed (scale_wrt_gas=False) or averaged
+        # Where the caller owns the accumulation ("managed_gradient_accumulation": false), every engine.step() is
+        # an optimizer step; the engine says it is a boundary only while inside it. Read once: a config setting.
+        managed = getattr(engine, "managed_gradient_accumulation", None)
+        self._every_step_a_boundary = callable(managed) and not managed()
         self._engine_backward = engine.backward
         self._engine_step = engine.step
         self._engine_save_checkpoint = engine.save_checkpoint
@@ -66,9 +70,7 @@ class AutoWULossHook:
         return self._engine_backward(loss, retain_graph=retain_graph, scale_wrt_gas=scale_wrt_gas, **kwargs)
 
     def step(self, *args, **kwargs):
-        # Where the caller owns the accumulation ("managed_gradient_accumulation": false), every engine.step() is
-        # an optimizer step; the engine says it is a boundary only while inside it.
-        boundary = not self._managed() or self.engine.is_gradient_accumulation_boundary()
+        boundary = self._every_step_a_boundary or self.engine.is_gradient_accumulation_boundary()
         scheduler = self.scheduler
         handed = None
         if boundary:
@@ -89,10 +91,6 @@ class AutoWULossHook:
             scheduler.step(handed if handed is not None else math.nan)
         scheduler.receive_loss(None)
         return result
-
-    def _managed(self) -> bool:
-        managed = getattr(self.engine, "managed_gradient_accumulation", None)
-        return managed() if callable(managed) else True
 
     def _engine_rollback(self) -> Optional[EngineRollback]:
         rollback = self.scheduler.switch_rollback
