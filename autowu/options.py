@@ -36,11 +36,11 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "paper": {"max_warmup_fraction": 0.5, "patience": 3, "spike_threshold": None, "hold": False,
               "peak_fraction": 1.0, "max_lr_growth_per_test": None, "resume_from_argmin": False,
               "min_epochs_before_test": 0.0, "peak_highest_of_hold": False, "rollback": False,
-              "scale_free": False},
+              "scale_free": False, "flat_ramp_speedup": 1.0, "pass_once_moved": False},
     "default": {"max_warmup_fraction": 0.2, "patience": 2, "spike_threshold": 6.0, "hold": True,
                 "peak_fraction": 1.0, "max_lr_growth_per_test": 1.8, "resume_from_argmin": True,
                 "min_epochs_before_test": 0.0, "peak_highest_of_hold": True, "rollback": True,
-                "scale_free": True},
+                "scale_free": True, "flat_ramp_speedup": 2.0, "pass_once_moved": True},
 }
 
 
@@ -83,6 +83,12 @@ class AutoWUOptions:
     scale_free: bool = setting(FROM_MODE, "the GP test sees the losses in units fixed by their level at the first "
                                           "test, so that its decisions do not depend on the loss's units (the "
                                           "paper: the losses as they are)")
+    flat_ramp_speedup: float = setting(FROM_MODE, "on a ramp of fewer than 30 steps a decade of LR: this many "
+                                                  "times its pace while the loss has not moved from where it "
+                                                  "started, then the rest spread over the steps left "
+                                                  "(autowu.flat_start; the mode's: 2; 1, the paper: off)")
+    pass_once_moved: bool = setting(FROM_MODE, "a test passes only once the loss has moved (fallen or risen) from "
+                                               "where it started (autowu.flat_start; the paper: from the first test)")
 
     def __post_init__(self):
         _choice("mode", self.mode, MODES)
@@ -114,6 +120,9 @@ class AutoWUOptions:
         growth = self.max_lr_growth_per_test
         if growth is not None and not growth > 1:
             raise ConfigError(f"AutoWU: max_lr_growth_per_test must be > 1 or null, got {growth!r}")
+        speedup = self.flat_ramp_speedup
+        if isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or not speedup >= 1:
+            raise ConfigError(f"AutoWU: flat_ramp_speedup must be >= 1 (1: off), got {speedup!r}")
         if isinstance(self.min_epochs_before_test, bool) or not self.min_epochs_before_test >= 0:
             raise ConfigError(f"AutoWU: min_epochs_before_test must be >= 0, got {self.min_epochs_before_test!r}")
         if not isinstance(self.gp_settings, GPTestSettings):

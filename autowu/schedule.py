@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence
 
+import numpy as np
+
 WARMUP_TYPES = ("exp", "linear")
 COOLDOWN_TYPES = ("cosine", "half_cosine", "linear")
 
@@ -30,6 +32,7 @@ class Decisions(Protocol):
     """What the schedule reads of the switch rule (``autowu.switch.SwitchRule`` has these)."""
     holds: Sequence[Sequence[Optional[int]]]   # [first held step, first step ramping again or None]
     rewinds: Sequence[Sequence[float]]         # [step, ramp steps taken back]
+    # (optional) paces: [step, ramp steps a step advances from it on] (autowu.flat_start)
     switch_step: Optional[int]
     peak_lr: Optional[float]
 
@@ -58,8 +61,10 @@ class Schedule:
                    cooldown_start_step=min(total_steps, math.ceil((1 - cooldown_fraction) * total_steps)))
 
     def warmup_lr(self, position: float) -> float:
-        """The ramp's LR at (possibly fractional) ramp ``position``: ``min_lr`` at 0, ``max_lr`` at the cap."""
+        """The ramp's LR at (possibly fractional) ramp ``position``: ``min_lr`` at 0, ``max_lr`` at the cap (and
+        beyond it: a ramp sped up ends there, ``AutoWU.at_cap``)."""
         fraction = position / self.max_warmup_steps
+        fraction = np.minimum(fraction, 1.0) if isinstance(fraction, np.ndarray) else min(fraction, 1.0)
         if self.warmup_type == "exp":
             return self.min_lr * (self.max_lr / self.min_lr) ** fraction
         return self.min_lr + (self.max_lr - self.min_lr) * fraction
@@ -81,15 +86,38 @@ class Schedule:
 
     @staticmethod
     def ramp_position(step: float, decisions: Decisions) -> float:
-        """Steps the ramp has advanced by ``step``: the steps so far less those held or taken back."""
-        held = 0.0
-        for start, end in decisions.holds:
-            if start < step:
-                held += min(step, end if end is not None else step) - start
+        """Ramp steps advanced by ``step``: each step advances the ramp by the pace in force (1, or what
+        ``decisions.paces`` set: the default's quick start, ``autowu.flat_start``), except the steps held; less
+        the ramp steps taken back."""
+        paces = getattr(decisions, "paces", ())
+        if not paces:  # the ramp's own pace throughout: the steps less those held
+            position = step
+            for start, end in decisions.holds:
+                if start < step:
+                    position -= min(step, end if end is not None else step) - start
+        else:
+            position = Schedule._paced_steps(step, paces, decisions.holds)
         for start, back in decisions.rewinds:
             if start <= step:
-                held += back
-        return step - held
+                position -= back
+        return position
+
+    @staticmethod
+    def _paced_steps(step: float, paces, holds) -> float:
+        """The sum over steps [0, ``step``) outside the holds of the pace in force: added interval by interval
+        from 0, so that every step of a hold gives the same number, bit for bit."""
+        cuts = {0.0, float(step)}
+        cuts.update(float(start) for start, _ in paces if 0 < start < step)
+        for start, end in holds:
+            cuts.update(float(t) for t in (start, end) if t is not None and 0 < t < step)
+        cuts = sorted(cuts)
+        position = 0.0
+        for lo, hi in zip(cuts, cuts[1:]):
+            if any(start <= lo and (end is None or lo < end) for start, end in holds):
+                continue  # held
+            pace = next((float(p) for start, p in reversed(paces) if start <= lo), 1.0)
+            position += pace * (hi - lo)
+        return position
 
     def warmup_lr_at(self, step: float, decisions: Decisions) -> float:
         """The warmup LR used at (possibly fractional) step index ``step``, holds and rewinds included."""

@@ -32,12 +32,13 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
+from .flat_start import MIN_STEPS_PER_DECADE, MIN_WINDOW, NOT_YET_KNOWN, loss_shift, not_yet_known
 from .gp import GPHyperparameters, GPTestResult, PastMinimumTest
 from .options import AutoWUOptions
 from .rollback import SwitchRollback
 from .schedule import Schedule
 from .spikes import usable_losses
-from .switch import SWITCH, SwitchRule
+from .switch import RAMP, SWITCH, SwitchRule
 
 # The level the GP sees the losses start at, with ``scale_free``: ln 10, a 10-class cross-entropy at initialisation,
 # where the GP's fixed constants (noise floor and initial noise, jitter) and the default mode were measured.
@@ -65,10 +66,12 @@ class TestRecord:
     action: str = ""                # "ramp", "hold" or "switch" (autowu.switch)
     seconds: float = 0.0
     rolled_back_to: Optional[int] = None   # rollback: the step whose training state the switch put back
+    ramp_pace: Optional[float] = None      # flat_ramp_speedup: the ramp's pace set by this test
+    before_move: Optional[bool] = None     # pass_once_moved: the GP passed it, but the loss had not yet moved
 
     def to_dict(self) -> Dict:
         record = dataclasses.asdict(self)
-        for optional in ("failed_fits", "error", "rolled_back_to"):
+        for optional in ("failed_fits", "error", "rolled_back_to", "ramp_pace", "before_move"):
             if record[optional] is None:
                 del record[optional]
         return record
@@ -159,6 +162,7 @@ class AutoWU:
         self._num_reduced = 0
         self._hyper = GPHyperparameters.initial(settings)
         self._loss_unit: Optional[float] = None   # scale_free: the GP's loss unit, fixed at the first test
+        self._loss_moved = False   # autowu.flat_start: the loss has responded to the ramp (fallen or risen)
         self._generator = torch.Generator().manual_seed(options.seed)
         self._losses: Optional[torch.Tensor] = None
         self._restored_losses: Optional[torch.Tensor] = None
@@ -248,7 +252,7 @@ class AutoWU:
             self._record(loss)
         self.last_step += 1
         if self.tests_at(self.last_step):
-            self._test(at_cap=self.last_step >= self.schedule.warmup_end_cap)
+            self._test(at_cap=self.at_cap(self.last_step))
         self._set_lrs()
 
     def tests_at(self, step: int) -> bool:
@@ -256,7 +260,13 @@ class AutoWU:
         every ``test_every`` steps of the warmup from ``first_test_step`` on, and at the warmup cap."""
         if self.phase != "warmup":
             return False
-        return step >= self.schedule.warmup_end_cap or (step % self.test_every == 0 and step >= self.first_test_step)
+        return self.at_cap(step) or (step % self.test_every == 0 and step >= self.first_test_step)
+
+    def at_cap(self, step: int) -> bool:
+        """Whether the warmup ends at ``step`` whatever the tests say: the step cap, or a ramp sped up
+        (``flat_ramp_speedup``) that has reached ``max_lr``."""
+        return (step >= self.schedule.warmup_end_cap
+                or self.schedule.ramp_position(step, self.rule) >= self.schedule.max_warmup_steps)
 
     # ---------------------------------------------------------------- warmup internals
     def _record(self, loss) -> None:
@@ -276,19 +286,54 @@ class AutoWU:
         switch rule's decision, and the record)."""
         started = time.perf_counter()
         record, result, losses, usable = self._measure(at_cap)
-        passed, argmin_lr = self._agree(record.passed, record.argmin_lr)
+        # autowu.flat_start: how the loss has moved (-1 fallen, +1 risen, 0 not, NOT_YET_KNOWN), rank 0's with
+        # the test's answer, so that every rank paces its ramp alike
+        moved = 0
+        if (self.options.flat_ramp_speedup > 1 or self.options.pass_once_moved) and not self._loss_moved:
+            window = max(self.test_every, MIN_WINDOW)
+            moved = NOT_YET_KNOWN if not_yet_known(losses, usable, window) else loss_shift(losses, usable, window)
+        passed, argmin_lr, moved = self._agree(record.passed, record.argmin_lr, moved)
+        first_move = moved in (-1, 1)
+        self._loss_moved = self._loss_moved or first_move
+        if self.options.pass_once_moved and not self._loss_moved and passed:
+            passed, record.before_move = False, True
         action = self.rule.decide(passed, at_cap, record.step, argmin_lr, self.schedule)
         if self._rollback is not None and action == SWITCH:
             record.rolled_back_to = self._rollback.restore(self.peak_lr)
         elif self._rollback is not None:
             self._rollback.take(record.step, record.lr)
         record.at_cap = at_cap and self.rule.switched_by_cap
+        if self.options.flat_ramp_speedup > 1 and (first_move or (action == RAMP and not self._loss_moved)):
+            self._quick_start(record, first_move, moved == NOT_YET_KNOWN)
         record.passed, record.argmin_lr, record.action = passed, argmin_lr, action
         record.passes_in_row, record.switched = self.rule.passes_in_row, action == SWITCH
         record.seconds = time.perf_counter() - started
         self.history.append(record.to_dict())
         if action == SWITCH:
             self._enter_decay(result, losses, usable)
+
+    def _quick_start(self, record: TestRecord, first_move: bool, unknown: bool) -> None:
+        """The ramp's pace (``autowu.flat_start``), on an exponential ramp that climbs a decade in fewer than
+        ``MIN_STEPS_PER_DECADE`` steps: ``flat_ramp_speedup`` while the loss has not moved; at the test that first
+        sees it move, the pace that spreads the rest of the ramp over the steps left to the cap (the steps the
+        quick start saved go to the decades that decide). The LR is never taken back: a falling LR raises the
+        loss, which the GP, a function of the step, would read as a minimum passed."""
+        schedule = self.schedule
+        if schedule.warmup_type != "exp":
+            return
+        own_steps_per_decade = schedule.max_warmup_steps / math.log10(schedule.max_lr / schedule.min_lr)
+        if own_steps_per_decade >= MIN_STEPS_PER_DECADE:
+            return
+        if first_move:
+            steps_left = schedule.warmup_end_cap - record.step
+            ramp_left = schedule.max_warmup_steps - schedule.ramp_position(record.step, self.rule)
+            pace = min(1.0, ramp_left / steps_left) if steps_left > 0 else 1.0   # reaches the top at the cap
+            if pace != self.rule.pace:
+                self.rule.set_pace(record.step, pace)
+                record.ramp_pace = pace
+        elif not unknown and self.rule.pace == 1.0:
+            self.rule.set_pace(record.step, self.options.flat_ramp_speedup)
+            record.ramp_pace = self.options.flat_ramp_speedup
 
     def _measure(self, at_cap: bool):
         """The GP test on the losses so far (all-reduced over ranks first): the record, with this rank's
@@ -336,13 +381,15 @@ class AutoWU:
             record.error = repr(err)
             return None
 
-    def _agree(self, passed: bool, argmin_lr: float):
-        """Every rank takes rank 0's answer (through ``decision_sync``), so all switch at the same step."""
+    def _agree(self, passed: bool, argmin_lr: float, moved: int):
+        """Every rank takes rank 0's answer (through ``decision_sync``), so all switch at the same step and pace
+        the ramp alike."""
         if self._decision_sync is None:
-            return passed, argmin_lr
-        decision = torch.tensor([float(passed), argmin_lr], dtype=torch.float64, device=self._losses.device)
+            return passed, argmin_lr, moved
+        decision = torch.tensor([float(passed), argmin_lr, float(moved)], dtype=torch.float64,
+                                device=self._losses.device)
         synced = self._decision_sync(decision).cpu()
-        return bool(synced[0] > 0.5), float(synced[1])
+        return bool(synced[0] > 0.5), float(synced[1]), int(round(float(synced[2])))
 
     def _enter_decay(self, result: Optional[GPTestResult], losses: np.ndarray, usable: np.ndarray) -> None:
         n = self.last_step
@@ -381,6 +428,7 @@ class AutoWU:
             "switch_curve": self.switch_curve, "rule": decisions,
             "num_reduced": self._num_reduced, "gp_hyperparameters": self._hyper.state_dict(),
             "generator_state": self._generator.get_state(), "losses": losses, "loss_unit": self._loss_unit,
+            "loss_moved": self._loss_moved,
             "settings": self.state_dict_settings(),
             **({"rollback": self._rollback.state_dict()} if self._rollback is not None else {}),
         }
@@ -393,8 +441,9 @@ class AutoWU:
 
     def load_state_dict(self, state: Dict) -> None:
         mine = self.state_dict_settings()
-        # A checkpoint from before scale_free existed fitted the losses as they were.
-        saved = {"scale_free": False, **state["settings"]}
+        # A checkpoint from before scale_free (flat_ramp_speedup, pass_once_moved) existed fitted the losses as they
+        # were (ramped at its own pace, passed from the first test).
+        saved = {"scale_free": False, "flat_ramp_speedup": 1.0, "pass_once_moved": False, **state["settings"]}
         mismatched = {k: (v, mine.get(k)) for k, v in saved.items() if mine.get(k) != v}
         if mismatched:
             raise ConfigError("AutoWU.load_state_dict: the checkpoint was made with other settings "
@@ -408,6 +457,7 @@ class AutoWU:
         self._hyper = GPHyperparameters.from_state_dict(state["gp_hyperparameters"])
         self._generator.set_state(state["generator_state"])
         self._loss_unit = state.get("loss_unit")
+        self._loss_moved = bool(state.get("loss_moved", False))
         self._losses = None
         self._restored_losses = state["losses"] if self.phase == "warmup" else None
         if self._rollback is not None:

@@ -41,6 +41,7 @@ class SwitchRule:
         # The decisions the schedule is a function of (``autowu.schedule.Decisions``).
         self.holds: List[List[Optional[int]]] = []   # [first held step, first step ramping again or None]
         self.rewinds: List[List[float]] = []          # [step, ramp steps taken back]: a hold that failed
+        self.paces: List[List[float]] = []            # [step, ramp steps a step advances from it on]
         self.switch_step: Optional[int] = None
         self.peak_lr: Optional[float] = None
         self.hold_argmin_lr: Optional[float] = None   # the minimum the current hold's first test predicted
@@ -91,9 +92,20 @@ class SwitchRule:
             self.peak_lr = argmin_lr * self.peak_fraction
         return action
 
+    def set_pace(self, step: int, pace: float) -> None:
+        """From ``step`` on, each step advances the ramp by ``pace`` ramp steps (the default's quick start,
+        ``autowu.flat_start``)."""
+        self.paces.append([step, float(pace)])
+
+    @property
+    def pace(self) -> float:
+        """The ramp's pace in force."""
+        return self.paces[-1][1] if self.paces else 1.0
+
     def state_dict(self) -> Dict:
         return {"passes_in_row": self.passes_in_row, "holds": [list(h) for h in self.holds],
-                "rewinds": [list(r) for r in self.rewinds], "hold_argmin_lr": self.hold_argmin_lr,
+                "rewinds": [list(r) for r in self.rewinds], "paces": [list(p) for p in self.paces],
+                "hold_argmin_lr": self.hold_argmin_lr,
                 "hold_highest_argmin_lr": self.hold_highest_argmin_lr,
                 "switch_step": self.switch_step, "peak_lr": self.peak_lr}
 
@@ -101,6 +113,7 @@ class SwitchRule:
         self.passes_in_row = int(state["passes_in_row"])
         self.holds = [list(h) for h in state.get("holds", [])]
         self.rewinds = [list(r) for r in state.get("rewinds", [])]
+        self.paces = [list(p) for p in state.get("paces", [])]
         self.hold_argmin_lr = state.get("hold_argmin_lr")
         # (Checkpoints from before the highest minimum was kept: their hold's first test's.)
         self.hold_highest_argmin_lr = state.get("hold_highest_argmin_lr", self.hold_argmin_lr)

@@ -14,6 +14,9 @@ Each run is the main job: ``deepspeed --num_gpus 2 launch/train.py`` on the embe
   trains the recipe again: seed s runs the file of the AutoWU run of the next seed in ``--seeds`` (cyclically),
   so its peak was found on another initialisation and data order.
 
+``--batch_scale 4`` runs all of them at 4 times the configs' batch (``train_batch_size`` and the micro batch; the
+same epochs, so a quarter of the steps).
+
 Every run for each ``--seeds`` (the launcher's ``--seed``: model initialisation and data order). Reports the
 final top-1 (359 validation images: one image is 0.28 points) per run, the mean per method and the gap of
 AutoWU to the best grid point, and writes them with ``--out``.
@@ -47,6 +50,14 @@ def run(config_path, seed, out_dir):
     return final
 
 
+def scaled(config, batch_scale):
+    """The config at ``batch_scale`` times its batch: the global batch and the micro batch (same ranks, no more
+    accumulation; ``train.data_config`` is read relative to the repository wherever the config is written)."""
+    config["train_batch_size"] *= batch_scale
+    config["train_micro_batch_size_per_gpu"] *= batch_scale
+    return config
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1")
@@ -54,8 +65,12 @@ def main():
     parser.add_argument("--methods", default="autowu,rerun,warmup_cosine")
     parser.add_argument("--reuse", default=None,
                         help="a JSON written by --out whose runs of the methods not run now are taken over")
+    parser.add_argument("--batch_scale", type=int, default=1,
+                        help="every run at this many times the configs' batch, for the same epochs")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.batch_scale < 1:
+        parser.error(f"--batch_scale must be a positive integer, got {args.batch_scale}")
     methods, seeds = args.methods.split(","), list(map(int, args.seeds.split(",")))
     known = {"autowu", "autowu_no_rollback", "rerun", "warmup_cosine"}
     if set(methods) - known:
@@ -63,26 +78,31 @@ def main():
     if "rerun" in methods and ("autowu" not in methods or len(seeds) < 2):
         parser.error("rerun needs the autowu runs of this invocation and at least 2 seeds")
     with open(os.path.join(REPO, "ds_configs", "cpu_digits_cosine.json")) as f:
-        cosine = json.load(f)
+        cosine = scaled(json.load(f), args.batch_scale)
     with open(os.path.join(REPO, "ds_configs", "cpu_digits.json")) as f:
-        no_rollback = json.load(f)
+        autowu = scaled(json.load(f), args.batch_scale)
+    no_rollback = json.loads(json.dumps(autowu))
     no_rollback["scheduler"]["params"]["rollback"] = False
+    batch_size = autowu["train_batch_size"]
     results = []
 
     def record(method, peak, seed, final, **extra):
         result = {"method": method, "peak_lr": peak if peak is not None else final.get("peak_lr"), "seed": seed,
                   "top1": final["top1"] * 100, "switch_step": final.get("switch_step"),
-                  "seconds": final["seconds"], **extra}
+                  "seconds": final["seconds"], "batch_size": batch_size, **extra}
         results.append(result)
         print(f"seed {seed} {method} peak {result['peak_lr']:.3g}: top-1 {result['top1']:.2f} "
               f"({result['seconds']:.0f} s)", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         rerun_configs = {}
+        autowu_path = os.path.join(tmp, "autowu.json")
+        with open(autowu_path, "w") as f:
+            json.dump(autowu, f)
         for seed in seeds:
             jobs = []
             if "autowu" in methods:
-                jobs.append(("autowu", None, os.path.join(REPO, "ds_configs", "cpu_digits.json")))
+                jobs.append(("autowu", None, autowu_path))
             if "autowu_no_rollback" in methods:
                 path = os.path.join(tmp, "no_rollback.json")
                 with open(path, "w") as f:
@@ -122,7 +142,7 @@ def main():
     best = max(grid_means, key=grid_means.get) if grid_means else None
     autowu = {r["seed"]: r["top1"] for r in results if r["method"] == "autowu"}
     reruns = {r["seed"]: r["top1"] for r in results if r["method"] == "rerun"}
-    summary = {"grid_means": {f"{k:g}": v for k, v in sorted(grid_means.items())}, "best_grid_peak": best,
+    summary = {"batch_size": batch_size, "grid_means": {f"{k:g}": v for k, v in sorted(grid_means.items())}, "best_grid_peak": best,
                "grid_seeds": sorted({r["seed"] for r in results if r["method"] == "warmup_cosine"}),
                "best_grid_top1": grid_means.get(best), "autowu_mean_top1": statistics.mean(autowu.values()),
                "autowu_per_seed": autowu,

@@ -131,20 +131,25 @@ def test_no_test_before_an_epoch_of_losses_when_asked():
     """tests/fixtures/digits_cnn_adamp_seed4_first_steps.json: the first 9 losses of a real run whose tests came
     every 3 steps (max_lr_growth_per_test 1.4): the GP saw 6 and then 9 noisy losses at LR 1.2e-5 to 1.7e-5,
     passed twice, and the run switched at 1.4e-5 (64.4% top-1, against 98.6-99.7% for its other seeds).
-    ``min_epochs_before_test=1`` waits for an epoch of losses, as the paper's first test does."""
+    ``min_epochs_before_test=1`` waits for an epoch of losses, as the paper's first test does. The default's
+    ``pass_once_moved`` refuses those passes too: the loss had not yet moved from where it started."""
     fixture = json.loads((REPO / "tests" / "fixtures" / "digits_cnn_adamp_seed4_first_steps.json").read_text())
     runs = {}
-    for min_epochs in (0, 1):
+    for min_epochs, once_moved in ((0, False), (1, False), (0, True)):
         sched = make(steps_per_epoch=fixture["steps_per_epoch"], total_epochs=fixture["total_epochs"],
                      immediate_cooldown=True, max_lr_growth_per_test=fixture["max_lr_growth_per_test"],
-                     min_epochs_before_test=min_epochs)
+                     min_epochs_before_test=min_epochs, pass_once_moved=once_moved, flat_ramp_speedup=1.0)
         for loss in fixture["losses"]:
             sched.step(float(loss))
-        runs[min_epochs] = sched
-    early = runs[0]
+        runs[min_epochs, once_moved] = sched
+    early = runs[0, False]
     assert early.test_every == 3 and [t["passed"] for t in early.history] == [False, True, True]
     assert early.switch_step == 9 and early.peak_lr < 2e-5   # the failure, as recorded
-    waiting = runs[1]
+    once_moved = runs[0, True]
+    assert [t["passed"] for t in once_moved.history] == [False, False, False]
+    assert [t.get("before_move", False) for t in once_moved.history] == [False, True, True]  # the GP's passes
+    assert once_moved.switch_step is None and once_moved.phase == "warmup"
+    waiting = runs[1, False]
     assert waiting.first_test_step == 22 and waiting.history == [] and waiting.phase == "warmup"
     assert [waiting.tests_at(s) for s in (21, 22, 24, 25)] == [False, False, True, False]
     with pytest.raises(ValueError, match="min_epochs_before_test"):
@@ -161,7 +166,8 @@ def test_a_switch_after_a_hold_takes_the_highest_minimum_of_the_hold_on_a_record
     runs = {}
     for highest in (True, False):
         sched = make(steps_per_epoch=fixture["steps_per_epoch"], total_epochs=fixture["total_epochs"],
-                     immediate_cooldown=True, peak_highest_of_hold=highest)
+                     immediate_cooldown=True, peak_highest_of_hold=highest,
+                     flat_ramp_speedup=1.0)  # at the pace the losses were recorded at (before the quick start)
         for loss in fixture["losses"]:
             sched.step(float(loss))
         runs[highest] = sched
