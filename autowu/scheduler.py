@@ -265,8 +265,9 @@ class AutoWU:
     def at_cap(self, step: int) -> bool:
         """Whether the warmup ends at ``step`` whatever the tests say: the step cap, or a ramp sped up
         (``flat_ramp_speedup``) that has reached ``max_lr``."""
-        return (step >= self.schedule.warmup_end_cap
-                or self.schedule.ramp_position(step, self.rule) >= self.schedule.max_warmup_steps)
+        # (without a pace set, the ramp is never ahead of the step: no position to compute on every step)
+        return step >= self.schedule.warmup_end_cap or bool(
+            self.rule.paces and self.schedule.ramp_position(step, self.rule) >= self.schedule.max_warmup_steps)
 
     # ---------------------------------------------------------------- warmup internals
     def _record(self, loss) -> None:
@@ -303,7 +304,8 @@ class AutoWU:
         elif self._rollback is not None:
             self._rollback.take(record.step, record.lr)
         record.at_cap = at_cap and self.rule.switched_by_cap
-        if self.options.flat_ramp_speedup > 1 and (first_move or (action == RAMP and not self._loss_moved)):
+        if self.options.flat_ramp_speedup > 1 and (
+                (first_move and action != SWITCH) or (action == RAMP and not self._loss_moved)):
             self._quick_start(record, first_move, moved == NOT_YET_KNOWN)
         record.passed, record.argmin_lr, record.action = passed, argmin_lr, action
         record.passes_in_row, record.switched = self.rule.passes_in_row, action == SWITCH

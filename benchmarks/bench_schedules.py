@@ -545,17 +545,25 @@ def load_runs(paths: List[str]) -> List[Dict]:
     return runs
 
 
+def checked(results: List[Dict]) -> Tuple[Dict, Dict]:
+    """The summary and checks of runs, printed: the per-task table and the bars, and where the runs span several
+    batches the batch axis's table and goals."""
+    summary = summarise(results)
+    checks = bars(summary)
+    print(table(summary))
+    print(json.dumps(checks, indent=1))
+    if any(r.get("batch_scale", 1) != 1 for r in results):
+        goals = checks["batch_goals"] = batch_goals(summary)
+        print(batch_table(summary))
+        print("goals met (peak within 2x where resolved, top-1 within 0.3, not below the best rival by > 1 SE): "
+              f"{sum(g['met'] for g in goals.values())} of {len(goals)}")
+    return summary, checks
+
+
 def report(paths: List[str], out: Optional[str]) -> None:
     """The tables and checks of stored runs, without running any."""
     results = load_runs(paths)
-    summary = summarise(results)
-    checks = bars(summary)
-    if any(r.get("batch_scale", 1) != 1 for r in results):
-        checks["batch_goals"] = batch_goals(summary)
-        print(batch_table(summary))
-        print(f"goals met: {sum(g['met'] for g in checks['batch_goals'].values())} of {len(checks['batch_goals'])}")
-    else:
-        print(table(summary))
+    summary, checks = checked(results)
     if out:
         with open(out, "w") as f:
             json.dump({"results": results, "summary": summary, "bars": checks, "from": paths}, f)
@@ -583,8 +591,8 @@ def main():
     parser.add_argument("--batches", default="1",
                         help="multiples of each task's batch, each for the task's epochs (the batch axis: 1,4,16)")
     parser.add_argument("--grid", default="auto", choices=("auto", "coarse", "fine"),
-                        help="the grid's peaks: 7 a factor ~3 apart (coarse) or 11 a factor of 2 apart (fine); auto: "
-                             "fine where --batches has more than one")
+                        help="the grid's peaks: 7 a factor ~3 apart (coarse), or 8 a factor of 2 apart moving up with the "
+                             "batch (fine); auto: fine where --batches has more than one")
     parser.add_argument("--extend", type=int, default=3,
                         help="grid points added at most per task and batch where its best is at an end")
     parser.add_argument("--report", default=None,
@@ -662,16 +670,7 @@ def main():
     if args.reuse:
         results += [r for r in earlier if r["method"] not in methods and r["task"] in tasks
                     and r.get("batch_scale", 1) in scales]
-    summary = summarise(results)
-    checks = bars(summary)
-    print(table(summary))
-    print(json.dumps(checks, indent=1))
-    if scales != [1]:
-        goals = batch_goals(summary)
-        checks["batch_goals"] = goals
-        print(batch_table(summary))
-        print("goals met (peak within 2x where resolved, top-1 within 0.3, not below the best rival by > 1 SE): "
-              f"{sum(g['met'] for g in goals.values())} of {len(goals)}")
+    summary, checks = checked(results)
     print(f"wall clock {time.perf_counter() - started:.0f} s on {args.workers} workers")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
